@@ -1,0 +1,35 @@
+"""Start the progress server: `python run.py --help` lists every flag and its variable."""
+
+from __future__ import annotations
+
+import sys
+
+from aiohttp import web
+
+from server.app import create_app
+from server.config import from_args
+from server.db import DatabaseError
+from server.logs import AccessLogger, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = from_args(argv)
+    setup_logging(config.log_level)
+    try:
+        app = create_app(config)
+        web.run_app(
+            app,
+            host=config.host,
+            port=config.port,
+            access_log_class=AccessLogger,
+            shutdown_timeout=config.shutdown_timeout,
+            print=None,
+        )
+    except DatabaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

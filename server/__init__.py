@@ -1,0 +1,1 @@
+"""Self-hosted real-time task-progress server."""

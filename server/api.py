@@ -1,0 +1,254 @@
+"""HTTP handlers under /api/v1: each parses, calls one service, and serialises."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from marshmallow import Schema, ValidationError
+
+from . import schemas
+from .auth import Identity, hash_password, verify_password
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
+from .keys import config_key, jobs_key, store_key, tokens_key, tracker_key
+from .models import ACTIVE_STATUSES, Task, TaskStatus, utc_now
+from .store import UsernameTaken
+from .tracker import Progress
+from .ws import authenticate
+
+routes = web.RouteTableDef()
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"body larger than {request.app[config_key].max_body_bytes} bytes"
+        ) from None
+
+
+async def _json_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The body as a JSON object ({} for an empty body when `allow_empty`)."""
+    body = await _read_body(request)
+    if not body.strip():
+        if allow_empty:
+            return {}
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _validate(schema: Schema, data: Any) -> dict[str, Any]:
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        raise ValidationFailed("invalid request", fields=exc.messages_dict) from None
+
+
+async def _body(
+    request: web.Request, schema: Schema, *, allow_empty: bool = False
+) -> dict[str, Any]:
+    return _validate(schema, await _json_object(request, allow_empty=allow_empty))
+
+
+def _caller(request: web.Request) -> Identity:
+    return authenticate(request, allow_query=False)
+
+
+async def _owned_task(request: web.Request, identity: Identity) -> Task:
+    task = await request.app[store_key].get_task(request.match_info["task_id"])
+    if task is None or task.user_id != identity.user_id:
+        raise NotFound("task not found")  # the same for another user's task
+    return task
+
+
+# -- auth --------------------------------------------------------------------------------
+
+
+@routes.post("/api/v1/auth/register")
+async def register(request: web.Request) -> web.Response:
+    data = await _body(request, schemas.Register())
+    password_hash = await hash_password(data["password"])
+    try:
+        user = await request.app[store_key].create_user(data["username"], password_hash, utc_now())
+    except UsernameTaken:
+        raise Conflict(
+            "username already taken", code="username_taken", fields={"username": ["Already taken."]}
+        ) from None
+    return web.json_response(user.to_dict(), status=201)
+
+
+@routes.post("/api/v1/auth/login")
+async def login(request: web.Request) -> web.Response:
+    body = await _read_body(request)
+    # An OAuth2 password form, unless the body is plainly JSON (curl -d sends JSON as a form).
+    is_form = request.content_type == "application/x-www-form-urlencoded"
+    if is_form and not body.lstrip().startswith(b"{"):
+        try:
+            form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError:
+            raise BadRequest("form body is not UTF-8") from None
+        data = _validate(schemas.LoginForm(), form)
+    else:
+        data = await _body(request, schemas.Credentials())
+    found = await request.app[store_key].find_credentials(data["username"])
+    if not await verify_password(data["password"], found[1] if found else None) or found is None:
+        raise Unauthorized("wrong username or password", code="invalid_credentials")
+    tokens = request.app[tokens_key]
+    user = found[0]
+    return web.json_response(
+        {
+            "access_token": tokens.issue(user.id, user.username),
+            "token_type": "bearer",
+            "expires_in": tokens.ttl,
+        }
+    )
+
+
+@routes.post("/api/v1/auth/refresh")
+async def refresh(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    user = await request.app[store_key].get_user(identity.user_id)
+    if user is None:
+        raise Unauthorized("unknown user", code="invalid_token")
+    tokens = request.app[tokens_key]
+    return web.json_response(
+        {
+            "access_token": tokens.issue(user.id, user.username),
+            "token_type": "bearer",
+            "expires_in": tokens.ttl,
+        }
+    )
+
+
+@routes.get("/api/v1/auth/me")
+async def me(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    user = await request.app[store_key].get_user(identity.user_id)
+    if user is None:
+        raise Unauthorized("unknown user", code="invalid_token")
+    return web.json_response(user.to_dict())
+
+
+# -- tasks -------------------------------------------------------------------------------
+
+
+async def _create(
+    request: web.Request, identity: Identity, kind: str, params: dict[str, Any]
+) -> web.Response:
+    jobs = request.app[jobs_key]
+    if jobs.is_builtin(kind):
+        params = _validate(schemas.StockParams(), params)
+        params["code"] = params["code"].upper()
+    task = await request.app[tracker_key].create_task(identity.user_id, kind, params)
+    if jobs.is_builtin(kind):
+        jobs.start(task)
+    return web.json_response(task.to_dict(), status=201)
+
+
+@routes.post("/api/v1/tasks")
+async def create_task(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    data = await _body(request, schemas.CreateTask())
+    return await _create(request, identity, data["kind"], data["params"])
+
+
+@routes.post("/api/v1/stock/analyze")
+async def analyze_stock(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    data = await _body(request, schemas.StockParams())
+    return await _create(request, identity, schemas.STOCK_ANALYSIS, data)
+
+
+@routes.get("/api/v1/tasks")
+async def list_tasks(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    query = _validate(schemas.ListTasksQuery(), dict(request.query))
+    status = query["status"]
+    statuses = (
+        None
+        if status == "any"
+        else ACTIVE_STATUSES
+        if status == "active"
+        else (TaskStatus(status),)
+    )
+    tasks = await request.app[store_key].list_tasks(identity.user_id, statuses, query["limit"])
+    return web.json_response({"tasks": [t.to_dict() for t in tasks]})
+
+
+@routes.get("/api/v1/tasks/{task_id}")
+async def get_task(request: web.Request) -> web.Response:
+    task = await _owned_task(request, _caller(request))
+    return web.json_response(task.to_dict())
+
+
+@routes.get("/api/v1/tasks/{task_id}/events")
+async def list_events(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    query = _validate(schemas.ListEventsQuery(), dict(request.query))
+    task = await _owned_task(request, identity)
+    events = await request.app[store_key].list_events(task.id, query["after_seq"], query["limit"])
+    return web.json_response({"events": [e.to_dict() for e in events]})
+
+
+def _seq_response(events: list[Any]) -> web.Response:
+    return web.json_response({"seq": events[-1].seq})
+
+
+@routes.post("/api/v1/tasks/{task_id}/progress")
+async def report_progress(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    data = await _body(request, schemas.ReportProgress())
+    events = await request.app[tracker_key].report_progress(
+        request.match_info["task_id"],
+        Progress(progress=data["progress"], step=data.get("step"), message=data.get("message")),
+        owner_id=identity.user_id,
+    )
+    return _seq_response(events)
+
+
+@routes.post("/api/v1/tasks/{task_id}/complete")
+async def complete_task(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    data = await _body(request, schemas.CompleteTask(), allow_empty=True)
+    events = await request.app[tracker_key].complete(
+        request.match_info["task_id"], data.get("result"), owner_id=identity.user_id
+    )
+    return _seq_response(events)
+
+
+@routes.post("/api/v1/tasks/{task_id}/fail")
+async def fail_task(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    data = await _body(request, schemas.FailTask())
+    events = await request.app[tracker_key].fail(
+        request.match_info["task_id"], data["error"], owner_id=identity.user_id
+    )
+    return _seq_response(events)
+
+
+@routes.post("/api/v1/tasks/{task_id}/cancel")
+async def cancel_task(request: web.Request) -> web.Response:
+    identity = _caller(request)
+    await _body(request, schemas.Empty(), allow_empty=True)
+    events = await request.app[tracker_key].cancel(
+        request.match_info["task_id"], owner_id=identity.user_id
+    )
+    return _seq_response(events)
+
+
+@routes.get("/api/v1/subscriptions")
+async def list_subscriptions(request: web.Request) -> web.Response:
+    """The caller's subscription history, newest first (the demo page's "resume" hint)."""
+    identity = _caller(request)
+    query = _validate(schemas.ListSubscriptionsQuery(), dict(request.query))
+    records = await request.app[store_key].list_subscriptions(identity.user_id, query["limit"])
+    return web.json_response({"subscriptions": [r.to_dict() for r in records]})

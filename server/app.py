@@ -1,0 +1,187 @@
+"""The aiohttp application: services in cleanup contexts, routes, error shape, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp_cors
+from aiohttp import web
+
+from . import api, protocol, ws
+from .auth import TokenService, load_or_create_secret
+from .config import Config
+from .db import open_database
+from .errors import ApiError
+from .history import SubscriptionHistory
+from .hub import Hub
+from .jobs import JobRunner
+from .keys import (
+    config_key,
+    db_key,
+    history_key,
+    hub_key,
+    jobs_key,
+    store_key,
+    tokens_key,
+    tracker_key,
+    websockets_key,
+)
+from .prices import SyntheticPriceProvider
+from .store import Store
+from .tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def _error_response(
+    status: int,
+    code: str,
+    message: str,
+    fields: dict | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message, "fields": fields or {}}},
+        status=status,
+        headers=headers,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as {"error": {"code", "message", "fields"}}: no HTML, no traceback."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return _error_response(exc.status, code, exc.reason, headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("http.internal_error method=%s path=%s", request.method, request.path)
+        return _error_response(500, "internal", "internal server error")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 once the server accepts work (the database is open and migrated)."""
+    return web.json_response({"status": "ok"})
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(request.app[config_key].static_dir / "index.html")
+
+
+def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        db = await open_database(config.db_path, config.migrations_dir, config.sqlite_synchronous)
+        store = Store(db)
+        tracker = Tracker(store)
+        hub = Hub(encode=protocol.event_message)
+        history = SubscriptionHistory(store)
+        jobs = JobRunner(tracker, SyntheticPriceProvider(), config.job_step_delay)
+        tracker.add_listener(hub.publish)
+        tracker.add_listener(jobs.on_event)
+        app[db_key], app[store_key], app[tracker_key] = db, store, tracker
+        app[hub_key], app[history_key], app[jobs_key] = hub, history, jobs
+        tracker.start()
+        await history.start()
+        resumed = await jobs.resume_unfinished(await store.tasks_to_resume(jobs.kinds))
+        sweeper = asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")
+        log.info("server.ready db=%s resumed_jobs=%d", config.db_path, resumed)
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await jobs.stop()
+            await tracker.stop()  # commits everything already accepted
+            await history.stop()
+            await db.close()
+            log.info("server.stopped")
+
+    return services
+
+
+async def _heartbeat_loop(hub: Hub, config: Config) -> None:
+    """Ping silent peers and drop those that do not answer (interval + timeout)."""
+    loop = asyncio.get_running_loop()
+    tick = max(0.05, min(1.0, config.heartbeat_interval / 4, config.heartbeat_timeout / 4))
+    while True:
+        await asyncio.sleep(tick)
+        hub.check_liveness(loop.time(), config.heartbeat_interval, config.heartbeat_timeout)
+
+
+async def _close_websockets(app: web.Application) -> None:
+    """Shutdown: tell every client, close with 1001, and drop whoever does not go in time."""
+    conns = list(app[websockets_key])
+    if not conns:
+        return
+    notice = protocol.notice_message(
+        "server_shutdown", "server is shutting down; reconnect and resume"
+    )
+    for conn in conns:
+        conn.close(protocol.CLOSE_GOING_AWAY, "server shutdown", notice)
+    await asyncio.gather(*(c.wait_writer(app[config_key].shutdown_timeout) for c in conns))
+    for conn in conns:
+        conn.abort("shutdown timeout")  # no-op for those already gone
+    log.info("server.websockets_closed count=%d", len(conns))
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the application; services start in a cleanup context when it starts."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[config_key] = config
+    secret = config.jwt_secret or load_or_create_secret(config.secret_path)
+    app[tokens_key] = TokenService(secret, config.token_ttl)
+    app[websockets_key] = weakref.WeakSet()
+    app.cleanup_ctx.append(_services(config))
+    app.on_shutdown.append(_close_websockets)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/v1/ws", ws.multi_task_socket)
+    app.router.add_get("/api/v1/stock/ws/analyze/{task_id}", ws.task_socket)
+    api_routes = app.router.add_routes(api.routes)
+    app.router.add_get("/", index)
+    if config.static_dir.is_dir():
+        app.router.add_static("/static/", config.static_dir, name="static")
+
+    # CORS for the HTTP API only, from the same allowed-origins list as the WebSocket check.
+    cors = aiohttp_cors.setup(
+        app,
+        defaults={
+            origin: aiohttp_cors.ResourceOptions(
+                allow_credentials=False,
+                expose_headers=("Retry-After",),
+                allow_headers=("Authorization", "Content-Type"),
+                allow_methods=("GET", "POST"),
+                max_age=600,
+            )
+            for origin in config.allowed_origins
+        },
+    )
+    for route in api_routes:
+        cors.add(route)
+    return app

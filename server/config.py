@@ -1,0 +1,189 @@
+"""Server configuration: one frozen dataclass, filled from flags and environment variables.
+
+Every flag has an environment variable (named in its help text); a flag given on the
+command line wins over the variable, the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to start; tests build one directly."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    db_path: Path = Path("data/app.db")
+    #: Seconds the built-in analysis job waits between steps (tests use ~0).
+    job_step_delay: float = 1.0
+    #: HS256 secret; None: generated once and kept in a file beside the database.
+    jwt_secret: str | None = None
+    #: Lifetime of an access token, in seconds.
+    token_ttl: int = 3600
+    #: Origins allowed besides the server's own (exact "scheme://host[:port]").
+    allowed_origins: tuple[str, ...] = ()
+    #: Seconds of silence from a peer before the server pings it.
+    heartbeat_interval: float = 20.0
+    #: Seconds a pinged peer has to answer before it is dropped.
+    heartbeat_timeout: float = 10.0
+    #: Largest WebSocket frame a client may send, in bytes (bigger: close 1009).
+    max_frame_bytes: int = 64 * 1024
+    #: Largest HTTP request body, in bytes (bigger: 413).
+    max_body_bytes: int = 1024 * 1024
+    #: Messages a connection may have queued for sending before it is a slow consumer.
+    send_queue_messages: int = 1000
+    #: Bytes a connection may have queued (own queue + transport buffer) before it is dropped.
+    send_queue_bytes: int = 8 * 1024 * 1024
+    #: SQLite synchronous mode: FULL fsyncs every commit (survives power loss), NORMAL
+    #: survives a process crash only.
+    sqlite_synchronous: str = "FULL"
+    #: Seconds given to clients and writers at shutdown.
+    shutdown_timeout: float = 3.0
+    log_level: str = "INFO"
+    migrations_dir: Path = field(default=PROJECT_ROOT / "migrations")
+    static_dir: Path = field(default=PROJECT_ROOT / "static")
+
+    @property
+    def secret_path(self) -> Path:
+        """Where a generated JWT secret is kept (beside the database)."""
+        return self.db_path.parent / (self.db_path.name + ".jwt-secret")
+
+
+def _flag_specs() -> list[tuple[str, str, type, str]]:
+    """(flag, environment variable, type, help) for every setting."""
+    return [
+        ("--host", "PROGRESS_HOST", str, "interface to listen on"),
+        ("--port", "PROGRESS_PORT", int, "TCP port"),
+        ("--db", "PROGRESS_DB", str, "SQLite database file (created with its folder)"),
+        (
+            "--job-step-delay",
+            "PROGRESS_JOB_STEP_DELAY",
+            float,
+            "seconds between the built-in job's steps",
+        ),
+        (
+            "--jwt-secret",
+            "JWT_SECRET",
+            str,
+            "HS256 secret (default: generated once, stored beside the database)",
+        ),
+        ("--token-ttl", "PROGRESS_TOKEN_TTL", int, "access token lifetime in seconds"),
+        (
+            "--allowed-origins",
+            "PROGRESS_ALLOWED_ORIGINS",
+            str,
+            "comma-separated extra origins allowed for WebSocket and CORS",
+        ),
+        (
+            "--heartbeat-interval",
+            "PROGRESS_HEARTBEAT_INTERVAL",
+            float,
+            "seconds of peer silence before a ping",
+        ),
+        (
+            "--heartbeat-timeout",
+            "PROGRESS_HEARTBEAT_TIMEOUT",
+            float,
+            "seconds to answer a ping before the peer is dropped",
+        ),
+        (
+            "--max-frame-bytes",
+            "PROGRESS_MAX_FRAME_BYTES",
+            int,
+            "largest client WebSocket frame (close 1009 beyond)",
+        ),
+        ("--max-body-bytes", "PROGRESS_MAX_BODY_BYTES", int, "largest HTTP body (413 beyond)"),
+        (
+            "--send-queue-messages",
+            "PROGRESS_SEND_QUEUE_MESSAGES",
+            int,
+            "messages queued per connection before it is dropped as slow (4008)",
+        ),
+        (
+            "--send-queue-bytes",
+            "PROGRESS_SEND_QUEUE_BYTES",
+            int,
+            "bytes queued per connection before it is dropped as slow (4008)",
+        ),
+        (
+            "--sqlite-synchronous",
+            "PROGRESS_SQLITE_SYNCHRONOUS",
+            str,
+            "SQLite synchronous mode: FULL or NORMAL",
+        ),
+        (
+            "--shutdown-timeout",
+            "PROGRESS_SHUTDOWN_TIMEOUT",
+            float,
+            "seconds given to clients and writers at shutdown",
+        ),
+        ("--log-level", "PROGRESS_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    ]
+
+
+_FIELD_FOR_FLAG = {"db": "db_path"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; defaults are filled in by from_args, not here."""
+    defaults = Config()
+    parser = argparse.ArgumentParser(
+        prog="run.py",
+        description="Real-time task-progress server (aiohttp + SQLite).",
+    )
+    for flag, env, kind, help_text in _flag_specs():
+        dest = flag[2:].replace("-", "_")
+        default = getattr(defaults, _FIELD_FOR_FLAG.get(dest, dest))
+        if isinstance(default, tuple):
+            default = ",".join(default) or "none"
+        shown = "generated" if default is None else default
+        parser.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            default=None,
+            help=f"{help_text} [env {env}, default {shown}]",
+        )
+    return parser
+
+
+def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from command-line flags, then environment variables, then defaults."""
+    env = os.environ if env is None else env
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, object] = {}
+    for flag, env_name, kind, _ in _flag_specs():
+        dest = flag[2:].replace("-", "_")
+        raw = getattr(args, dest)
+        if raw is None and env.get(env_name, "") != "":
+            try:
+                raw = kind(env.get(env_name))
+            except ValueError:
+                parser.error(f"environment variable {env_name} is not a valid {kind.__name__}")
+        if raw is not None:
+            values[_FIELD_FOR_FLAG.get(dest, dest)] = raw
+    if "db_path" in values:
+        values["db_path"] = Path(str(values["db_path"]))
+    if "allowed_origins" in values:
+        values["allowed_origins"] = tuple(
+            o.strip().rstrip("/") for o in str(values["allowed_origins"]).split(",") if o.strip()
+        )
+    sync = str(values.get("sqlite_synchronous", "FULL")).upper()
+    if sync not in ("FULL", "NORMAL", "EXTRA"):
+        parser.error("--sqlite-synchronous must be FULL, NORMAL or EXTRA")
+    values["sqlite_synchronous"] = sync
+    config = Config(**values)  # type: ignore[arg-type]
+    if config.heartbeat_interval <= 0 or config.heartbeat_timeout <= 0:
+        parser.error("heartbeat interval and timeout must be positive")
+    if config.job_step_delay < 0:
+        parser.error("--job-step-delay must not be negative")
+    return config

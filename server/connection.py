@@ -1,0 +1,235 @@
+"""One WebSocket client: a bounded outbox drained by its own writer task.
+
+The hub pushes pre-serialised text into the outbox without waiting. The writer task is
+the only thing that awaits the socket, so a client that stops reading stalls only its
+own writer. When the outbox (messages, or bytes queued here plus bytes in the transport's
+write buffer) passes its limit, the client is a slow consumer: it gets close 4008 if it
+can still take it within a short grace, and its transport is then aborted, which frees
+the kernel and aiohttp buffers at once (a plain close would keep them until it reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from . import protocol
+
+log = logging.getLogger(__name__)
+
+#: Seconds a closing client has to take the close frame before its transport is aborted.
+CLOSE_GRACE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    code: int
+    reason: str
+
+
+_PING = _Ping()
+
+
+class Connection:
+    """Implements the hub's Peer for an aiohttp WebSocketResponse."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        user_id: int,
+        *,
+        max_messages: int,
+        max_bytes: int,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.id = uuid.uuid4().hex[:12]
+        self.user_id = user_id
+        self.last_seen = loop.time()
+        self.ping_sent_at: float | None = None
+        #: Close code and reason the server chose (None: the client closed or vanished).
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._ws = ws
+        self._transport = transport
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        #: Text messages and control items waiting for the writer.
+        self._outbox: deque[str | _Ping | _Close] = deque()
+        #: Bytes of text waiting in _outbox.
+        self._queued_bytes = 0
+        self._wakeup: asyncio.Future[None] | None = None
+        #: True once a close was decided: nothing more is queued.
+        self._closing = False
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
+        self._closer: asyncio.Task[None] | None = None
+        self._aborted = False
+        #: Resolved by the writer after each send, for `wait_for_room`.
+        self._room: asyncio.Future[None] | None = None
+
+    # -- Peer interface ------------------------------------------------------------------
+
+    def push(self, data: str) -> None:
+        if self._closing:
+            return
+        buffered = self._transport.get_write_buffer_size() if self._transport else 0
+        if (
+            len(self._outbox) >= self._max_messages
+            or self._queued_bytes + buffered + len(data) > self._max_bytes
+        ):
+            self._drop_slow(buffered)
+            return
+        self._outbox.append(data)
+        self._queued_bytes += len(data)
+        self._wake()
+
+    def ping(self) -> None:
+        if not self._closing:
+            self._outbox.append(_PING)
+            self._wake()
+
+    def abort(self, reason: str) -> None:
+        """Drop at once: for peers that stopped answering (nothing can reach them anyway)."""
+        if self._transport is None or self._aborted:
+            return
+        self._aborted = True
+        log.info(
+            "ws.abort conn=%s user=%s reason=%s", self.id, self.user_id, reason.replace(" ", "_")
+        )
+        self._closing = True
+        self.close_code = self.close_code or 1006
+        self.close_reason = self.close_reason or reason
+        self._outbox.clear()
+        self._writer.cancel()
+        self._transport.abort()
+
+    # -- used by the WebSocket handler ---------------------------------------------------
+
+    def mark_seen(self, now: float) -> None:
+        self.last_seen = now
+        self.ping_sent_at = None
+
+    def close(self, code: int, reason: str, notice: str | None = None) -> None:
+        """Send `notice` (if any) after what is queued, then close with `code`."""
+        if self._closing:
+            return
+        if notice is not None:
+            self._outbox.append(notice)
+        self._outbox.append(_Close(code, reason))
+        self._closing = True
+        self._wake()
+
+    async def finish(self) -> None:
+        """Called once the handler stops reading: stop the writer and release the socket."""
+        self._closing = True
+        if self._closer is not None:
+            await asyncio.wait([self._closer], timeout=CLOSE_GRACE * 2)
+        if not self._writer.done():
+            # Give an ongoing close (shutdown notice + 1001) a moment, then stop it.
+            done, _ = await asyncio.wait([self._writer], timeout=CLOSE_GRACE)
+            if not done:
+                self._writer.cancel()
+        if self._transport is not None and self.close_code in (protocol.CLOSE_SLOW_CONSUMER, 1006):
+            self._transport.abort()
+
+    async def wait_writer(self, timeout: float) -> None:
+        await asyncio.wait([self._writer], timeout=timeout)
+
+    async def wait_for_room(self) -> None:
+        """Wait until the outbox is at most half full (paces long replays)."""
+        loop = asyncio.get_running_loop()
+        while not self._closing and (
+            len(self._outbox) >= self._max_messages // 2
+            or self._queued_bytes >= self._max_bytes // 2
+        ):
+            self._room = loop.create_future()
+            # Re-check now and then: a closing connection stops resolving _room.
+            await asyncio.wait([self._room], timeout=1.0)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _drop_slow(self, buffered: int) -> None:
+        log.warning(
+            "ws.slow_consumer conn=%s user=%s queued_messages=%d queued_bytes=%d"
+            " transport_bytes=%d",
+            self.id,
+            self.user_id,
+            len(self._outbox),
+            self._queued_bytes,
+            buffered,
+        )
+        self._closing = True
+        self.close_code = protocol.CLOSE_SLOW_CONSUMER
+        self.close_reason = "slow consumer"
+        self._outbox.clear()
+        self._queued_bytes = 0
+        self._writer.cancel()
+        self._closer = asyncio.create_task(
+            self._close_then_abort(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
+        )
+
+    async def _close_then_abort(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                await self._ws.close(code=code, message=reason.encode(), drain=False)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            if self._transport is not None:
+                self._transport.abort()
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._outbox:
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    self._wakeup = None
+                    continue
+                item = self._outbox.popleft()
+                if isinstance(item, str):
+                    self._queued_bytes -= len(item)
+                    await self._ws.send_str(item)
+                    if self._room is not None and not self._room.done():
+                        self._room.set_result(None)
+                elif isinstance(item, _Ping):
+                    await self._ws.ping()
+                else:
+                    self.close_code = item.code
+                    self.close_reason = item.reason
+                    await self._close_then_abort_if_stuck(item)
+                    return
+        except (ConnectionError, RuntimeError) as exc:
+            if not self._closing:
+                log.info(
+                    "ws.send_failed conn=%s user=%s error=%s",
+                    self.id,
+                    self.user_id,
+                    type(exc).__name__,
+                )
+                self._closing = True
+                if self._transport is not None:
+                    self._transport.abort()
+
+    async def _close_then_abort_if_stuck(self, item: _Close) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                await self._ws.close(code=item.code, message=item.reason.encode(), drain=True)
+        except TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()

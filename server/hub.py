@@ -1,0 +1,204 @@
+"""The connection hub: who is connected, who watches which task, and fan-out of events.
+
+The hub knows peers only through the small `Peer` interface (push a ready-made text
+message, ping, drop), never HTTP or a socket. Nothing here awaits: `publish` puts one
+pre-serialised message into each subscriber's own bounded outbox and returns, so a slow or
+dead subscriber cannot delay the others; a peer whose outbox overflows drops itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from .models import Event
+
+log = logging.getLogger(__name__)
+
+
+class Peer(Protocol):
+    """One connected client, as the hub sees it."""
+
+    id: str
+    user_id: int
+    #: loop.time() of the last frame received from the peer.
+    last_seen: float
+    #: loop.time() of an unanswered ping, or None.
+    ping_sent_at: float | None
+
+    def push(self, data: str) -> None:
+        """Queue a text message; never blocks (an overflowing peer drops itself)."""
+
+    def ping(self) -> None:
+        """Queue a protocol-level ping."""
+
+    def abort(self, reason: str) -> None:
+        """Drop the peer at once, discarding anything unsent."""
+
+
+class Subscription:
+    """One peer watching one task.
+
+    While `buffer` is a list the subscription is replaying history and live events wait
+    there; `go_live` drains it. `last_seq` is the highest seq handed to the peer, so no
+    seq is ever delivered twice or out of order.
+    """
+
+    __slots__ = ("peer", "task_id", "last_seq", "buffer")
+
+    def __init__(self, peer: Peer, task_id: str) -> None:
+        self.peer = peer
+        self.task_id = task_id
+        self.last_seq = 0
+        self.buffer: list[tuple[int, str]] | None = []
+
+    def deliver(self, seq: int, data: str) -> None:
+        if self.buffer is not None:
+            self.buffer.append((seq, data))
+        elif seq > self.last_seq:
+            self.last_seq = seq
+            self.peer.push(data)
+
+
+class Hub:
+    def __init__(self, encode: Callable[[Event], str]) -> None:
+        self._encode = encode
+        #: Every live peer, by id.
+        self._peers: dict[str, Peer] = {}
+        #: Peer ids by user id.
+        self._by_user: dict[int, set[str]] = {}
+        #: task id -> peer id -> subscription.
+        self._by_task: dict[str, dict[str, Subscription]] = {}
+        #: peer id -> task id -> subscription (for cleanup on disconnect).
+        self._by_peer: dict[str, dict[str, Subscription]] = {}
+        #: Events fanned out and messages pushed, for metrics and benchmarks.
+        self.events_published = 0
+        self.messages_pushed = 0
+
+    # -- registry ------------------------------------------------------------------------
+
+    def connect(self, peer: Peer) -> None:
+        self._peers[peer.id] = peer
+        self._by_user.setdefault(peer.user_id, set()).add(peer.id)
+        self._by_peer[peer.id] = {}
+
+    def disconnect(self, peer: Peer) -> list[str]:
+        """Forget the peer and release its subscriptions; returns the task ids it watched."""
+        if self._peers.pop(peer.id, None) is None:
+            return []
+        ids = self._by_user.get(peer.user_id)
+        if ids is not None:
+            ids.discard(peer.id)
+            if not ids:
+                del self._by_user[peer.user_id]
+        subs = self._by_peer.pop(peer.id, {})
+        for task_id in subs:
+            self._remove_from_task(task_id, peer.id)
+        return list(subs)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._peers)
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(len(s) for s in self._by_task.values())
+
+    def peers(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    def connections_of(self, user_id: int) -> int:
+        return len(self._by_user.get(user_id, ()))
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    def subscribe(self, peer: Peer, task_id: str) -> Subscription:
+        """Subscribe (or re-subscribe) in buffering mode; call `go_live` after the replay."""
+        sub = Subscription(peer, task_id)
+        self._by_task.setdefault(task_id, {})[peer.id] = sub
+        self._by_peer.setdefault(peer.id, {})[task_id] = sub
+        return sub
+
+    def go_live(self, sub: Subscription, delivered_seq: int) -> None:
+        """End the replay: `delivered_seq` was the last seq sent; flush newer buffered events."""
+        buffered = sub.buffer or []
+        sub.buffer = None
+        sub.last_seq = max(sub.last_seq, delivered_seq)
+        for seq, data in buffered:
+            sub.deliver(seq, data)
+
+    def unsubscribe(self, peer: Peer, task_id: str) -> bool:
+        subs = self._by_peer.get(peer.id)
+        if subs is None or subs.pop(task_id, None) is None:
+            return False
+        self._remove_from_task(task_id, peer.id)
+        return True
+
+    def is_subscribed(self, peer: Peer, task_id: str) -> bool:
+        return task_id in self._by_peer.get(peer.id, {})
+
+    def subscriptions_of(self, peer: Peer) -> int:
+        return len(self._by_peer.get(peer.id, ()))
+
+    def _remove_from_task(self, task_id: str, peer_id: str) -> None:
+        watchers = self._by_task.get(task_id)
+        if watchers is not None:
+            watchers.pop(peer_id, None)
+            if not watchers:
+                del self._by_task[task_id]
+
+    def has_subscribers(self, task_id: str) -> bool:
+        return task_id in self._by_task
+
+    def active_tasks(self) -> list[str]:
+        """Task ids that have at least one subscriber."""
+        return list(self._by_task)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        """Fan a committed event out to the task's subscribers (a tracker listener)."""
+        watchers = self._by_task.get(event.task_id)
+        if not watchers:
+            return
+        data = self._encode(event)  # once, whatever the number of subscribers
+        self.events_published += 1
+        self.messages_pushed += len(watchers)
+        # Copy: a peer that overflows drops itself, which may change the dict.
+        for sub in list(watchers.values()):
+            sub.deliver(event.seq, data)
+
+    def send_personal(self, peer_id: str, data: str) -> bool:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return False
+        peer.push(data)
+        return True
+
+    def send_to_user(self, user_id: int, data: str) -> int:
+        """Push to every connection of one user; returns how many."""
+        ids = list(self._by_user.get(user_id, ()))
+        for peer_id in ids:
+            self._peers[peer_id].push(data)
+        return len(ids)
+
+    def broadcast(self, data: str, peers: Iterable[Peer] | None = None) -> None:
+        for peer in list(peers if peers is not None else self._peers.values()):
+            peer.push(data)
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def check_liveness(self, now: float, interval: float, timeout: float) -> int:
+        """Ping peers silent for `interval` s; drop those whose ping went unanswered for
+        `timeout` s. Returns how many were dropped."""
+        dropped = 0
+        for peer in list(self._peers.values()):
+            if peer.ping_sent_at is not None:
+                if now - peer.ping_sent_at >= timeout:
+                    peer.abort("heartbeat timeout")
+                    dropped += 1
+            elif now - peer.last_seen >= interval:
+                peer.ping_sent_at = now
+                peer.ping()
+        return dropped

@@ -1,0 +1,27 @@
+"""Typed application keys (aiohttp AppKey), one per shared service."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from .auth import TokenService
+from .config import Config
+from .connection import Connection
+from .db import Database
+from .history import SubscriptionHistory
+from .hub import Hub
+from .jobs import JobRunner
+from .store import Store
+from .tracker import Tracker
+
+config_key = web.AppKey("config", Config)
+db_key = web.AppKey("db", Database)
+store_key = web.AppKey("store", Store)
+tracker_key = web.AppKey("tracker", Tracker)
+hub_key = web.AppKey("hub", Hub)
+tokens_key = web.AppKey("tokens", TokenService)
+history_key = web.AppKey("history", SubscriptionHistory)
+jobs_key = web.AppKey("jobs", JobRunner)
+websockets_key = web.AppKey("websockets", weakref.WeakSet[Connection])

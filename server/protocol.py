@@ -1,0 +1,133 @@
+"""The WebSocket wire format: parsing client messages and building server messages. Pure.
+
+docs/protocol.md is the reference; names here follow it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import Schema, ValidationError
+
+from . import schemas
+from .models import Event, Task
+
+# Close codes (RFC 6455 and the 4000-4999 private range), see docs/protocol.md.
+CLOSE_GOING_AWAY = 1001  # server shutdown: reconnect and resume
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008  # flooding and other abuse: do not reconnect
+CLOSE_TOO_BIG = 1009  # frame over the size limit: do not reconnect
+CLOSE_SLOW_CONSUMER = 4008  # fell too far behind: reconnect and resume with last_seq
+CLOSE_TOKEN_EXPIRED = 4401  # get a fresh token, reconnect
+CLOSE_FORBIDDEN = 4403  # do not reconnect
+
+ACTIONS: dict[str, type[Schema]] = {
+    "ping": schemas.WsPing,
+    "subscribe": schemas.WsSubscribe,
+    "unsubscribe": schemas.WsUnsubscribe,
+    "get_status": schemas.WsGetStatus,
+}
+_SCHEMAS = {name: cls() for name, cls in ACTIONS.items()}
+_ENVELOPE = schemas.WsEnvelope()
+
+
+class ProtocolError(Exception):
+    """A client message that cannot be acted on; answered with an error message."""
+
+    def __init__(
+        self, code: str, message: str, *, msg_id: Any = None, fields: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.msg_id = msg_id
+        self.fields = fields
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    action: str
+    data: dict[str, Any]
+
+    @property
+    def msg_id(self) -> Any:
+        return self.data.get("id")
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Decode and validate one text frame.
+
+    Raises:
+        ProtocolError: code "bad_request" for bad JSON, a non-object, an unknown action,
+            or a missing or wrongly typed field.
+    """
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raise ProtocolError("bad_request", "message is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad_request", "message must be a JSON object")
+    msg_id = raw.get("id")
+    if not isinstance(msg_id, str | int | float | type(None)) or isinstance(msg_id, bool):
+        msg_id = None
+    try:
+        action = _ENVELOPE.load(raw)["action"]
+    except ValidationError as exc:
+        raise ProtocolError(
+            "bad_request", "missing or invalid action", msg_id=msg_id, fields=exc.messages_dict
+        ) from None
+    schema = _SCHEMAS.get(action)
+    if schema is None:
+        raise ProtocolError("bad_request", f"unknown action {action!r}", msg_id=msg_id)
+    try:
+        data = schema.load(raw)
+    except ValidationError as exc:
+        raise ProtocolError(
+            "bad_request", "invalid message", msg_id=msg_id, fields=exc.messages_dict
+        ) from None
+    return ClientMessage(action=action, data=data)
+
+
+def _dump(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def _with_id(message: dict[str, Any], msg_id: Any) -> dict[str, Any]:
+    if msg_id is not None:
+        message["id"] = msg_id
+    return message
+
+
+def event_message(event: Event) -> str:
+    """A live or replayed event; built once per event and shared by all subscribers."""
+    return _dump({"type": "event", **event.to_dict()})
+
+
+def snapshot_message(task: Task, msg_id: Any = None, recovered: bool | None = None) -> str:
+    message: dict[str, Any] = {"type": "snapshot", "task": task.to_dict()}
+    if recovered is not None:
+        message["recovered"] = recovered
+    return _dump(_with_id(message, msg_id))
+
+
+def pong_message(msg_id: Any = None) -> str:
+    return _dump(_with_id({"type": "pong"}, msg_id))
+
+
+def unsubscribed_message(task_id: str, msg_id: Any = None) -> str:
+    return _dump(_with_id({"type": "unsubscribed", "task_id": task_id}, msg_id))
+
+
+def error_message(
+    code: str, message: str, msg_id: Any = None, fields: dict[str, Any] | None = None
+) -> str:
+    body: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if fields:
+        body["fields"] = fields
+    return _dump(_with_id(body, msg_id))
+
+
+def notice_message(code: str, message: str) -> str:
+    return _dump({"type": "notice", "code": code, "message": message})

@@ -1,0 +1,164 @@
+"""Marshmallow schemas for every request body, query string and client WebSocket message."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
+
+from .models import TaskStatus
+
+USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+#: A 6-digit A-share code, or a ticker of 1-10 letters and dots with at least one letter.
+STOCK_CODE = re.compile(r"^(?:\d{6}|(?=[A-Za-z.]*[A-Za-z])[A-Za-z.]{1,10})$")
+STOCK_ANALYSIS = "stock_analysis"
+
+
+class StrictInt(fields.Integer):
+    """An integer that must be a JSON integer: no "5", no 5.5, no true."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class Number(fields.Float):
+    """A JSON number (not a string, not a boolean), returned as int when it is whole."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.make_error("invalid")
+        number = super()._deserialize(value, attr, data, **kwargs)
+        return int(number) if number == int(number) else number
+
+
+class Credentials(Schema):
+    username = fields.String(required=True)
+    password = fields.String(required=True)
+
+
+class Register(Credentials):
+    username = fields.String(
+        required=True,
+        validate=validate.Regexp(USERNAME, error="3-32 characters of A-Z, a-z, 0-9, _ . -"),
+    )
+    password = fields.String(required=True, validate=validate.Length(min=8, max=1024))
+
+
+class LoginForm(Credentials):
+    """OAuth2 password grant form: extra fields (grant_type, scope, client_id) are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    grant_type = fields.String(validate=validate.Equal("password"))
+
+
+class StockParams(Schema):
+    code = fields.String(
+        required=True,
+        validate=validate.Regexp(STOCK_CODE, error="a 6-digit code or a ticker of 1-10 letters"),
+    )
+
+
+class CreateTask(Schema):
+    kind = fields.String(
+        required=True,
+        validate=validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}$", error="1-64 of A-Z a-z 0-9 _ . : -"),
+    )
+    params = fields.Dict(keys=fields.String(), load_default=dict)
+
+    @validates("params")
+    def _small_params(self, value: dict[str, Any], **_: Any) -> None:
+        if len(value) > 100:
+            raise ValidationError("at most 100 keys")
+
+
+class ReportProgress(Schema):
+    progress = Number(required=True, validate=validate.Range(min=0, max=100))
+    step = fields.String(allow_none=True, validate=validate.Length(max=200))
+    message = fields.String(allow_none=True, validate=validate.Length(max=2000))
+
+
+class CompleteTask(Schema):
+    result = fields.Dict(keys=fields.String(), allow_none=True, load_default=None)
+
+
+class FailTask(Schema):
+    error = fields.String(required=True, validate=validate.Length(min=1, max=2000))
+
+
+class Empty(Schema):
+    """A body that must be empty or {}."""
+
+
+class ListTasksQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.String(
+        validate=validate.OneOf(["active", "any"] + [s.value for s in TaskStatus]),
+        load_default="any",
+    )
+    limit = fields.Integer(validate=validate.Range(min=1, max=500), load_default=100)
+
+
+class ListEventsQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    after_seq = fields.Integer(validate=validate.Range(min=0), load_default=0)
+    limit = fields.Integer(validate=validate.Range(min=1, max=1000), load_default=1000)
+
+
+class ListSubscriptionsQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = fields.Integer(validate=validate.Range(min=1, max=500), load_default=50)
+
+
+class WsQuery(Schema):
+    """Query of the per-task WebSocket endpoint (token is read separately)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    last_seq = fields.Integer(validate=validate.Range(min=0), load_default=None)
+
+
+# -- WebSocket client messages -----------------------------------------------------------
+
+MessageId = fields.Raw(allow_none=True)
+
+
+class WsEnvelope(Schema):
+    """Only checks that there is an action; the action's own schema checks the rest."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    action = fields.String(required=True)
+
+
+class WsPing(Schema):
+    action = fields.String(required=True)
+    id = fields.Raw(allow_none=True)
+
+
+class WsSubscribe(WsPing):
+    task_id = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    last_seq = StrictInt(allow_none=True, load_default=None, validate=validate.Range(min=0))
+
+
+class WsUnsubscribe(WsPing):
+    task_id = fields.String(required=True, validate=validate.Length(min=1, max=64))
+
+
+class WsGetStatus(WsPing):
+    task_id = fields.String(load_default=None, validate=validate.Length(min=1, max=64))

@@ -1,0 +1,269 @@
+"""WebSocket endpoints: origin and token checks before the upgrade, then one session per socket.
+
+`/api/v1/ws` carries many subscriptions; `/api/v1/stock/ws/analyze/{task_id}` is the
+original per-task endpoint, subscribed on open. Messages are handled one at a time in
+the handler task (aiohttp allows one reader); all sending goes through the connection's
+outbox, so a replay and live events for the same task can never interleave out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import WSMsgType, web
+from marshmallow import ValidationError
+
+from . import protocol
+from .auth import Identity, bearer_token
+from .connection import Connection
+from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
+from .hub import Hub
+from .keys import config_key, history_key, hub_key, store_key, tokens_key, websockets_key
+from .models import Task
+from .schemas import WsQuery
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+#: Events read from SQLite per query during a replay.
+REPLAY_PAGE = 500
+
+
+def origin_allowed(origin: str, host: str | None, scheme: str, allowed: tuple[str, ...]) -> bool:
+    """True for the server's own origin or one listed exactly; never for "null" or look-alikes."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        return False
+    normalised = f"{parts.scheme}://{parts.netloc}".lower()
+    if normalised in {o.lower() for o in allowed}:
+        return True
+    if host is None:
+        return False
+    # Same host: the browser's Origin names exactly the host:port the page was served from.
+    own_scheme = "https" if scheme in ("https", "wss") else "http"
+    return parts.netloc.lower() == host.lower() and parts.scheme in (own_scheme, "https")
+
+
+def check_origin(request: web.Request) -> None:
+    """Cross-site WebSocket hijacking guard: a present Origin must be allowed (else 403)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return  # not a browser; scripts authenticate with their token alone
+    config = request.app[config_key]
+    if not origin_allowed(origin, request.host, request.scheme, config.allowed_origins):
+        raise Forbidden("origin not allowed", code="origin_not_allowed")
+
+
+def authenticate(request: web.Request, *, allow_query: bool) -> Identity:
+    """The caller's identity from `Authorization: Bearer` or (WebSocket only) `?token=`."""
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None and allow_query:
+        token = request.query.get("token") or None
+    if token is None:
+        raise Unauthorized("missing bearer token", code="missing_token")
+    return request.app[tokens_key].verify(token)
+
+
+async def multi_task_socket(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/ws: one socket, many subscriptions."""
+    return await _serve(request, task_id=None, last_seq=None)
+
+
+async def task_socket(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/stock/ws/analyze/{task_id}[?last_seq=N]: subscribed to the task on open."""
+    try:
+        query = WsQuery().load(dict(request.query))
+    except ValidationError as exc:
+        raise BadRequest("invalid query", fields=exc.messages_dict) from None
+    return await _serve(request, task_id=request.match_info["task_id"], last_seq=query["last_seq"])
+
+
+async def _serve(
+    request: web.Request, task_id: str | None, last_seq: int | None
+) -> web.StreamResponse:
+    check_origin(request)
+    try:
+        identity = authenticate(request, allow_query=True)
+    except Unauthorized:
+        log.info("ws.auth_failed path=%s peer=%s", request.path, request.remote)
+        raise
+    store = request.app[store_key]
+    if task_id is not None:
+        task = await store.get_task(task_id)
+        if task is None or task.user_id != identity.user_id:
+            raise NotFound("task not found")
+    config = request.app[config_key]
+    ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes, autoping=False)
+    transport = request.transport
+    await ws.prepare(request)
+    conn = Connection(
+        ws,
+        transport if isinstance(transport, asyncio.Transport) else None,
+        identity.user_id,
+        max_messages=config.send_queue_messages,
+        max_bytes=config.send_queue_bytes,
+    )
+    session = Session(request.app, conn, ws, default_task=task_id)
+    return await session.run(identity, last_seq)
+
+
+class Session:
+    """The server side of one WebSocket: reads messages and acts on them."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        conn: Connection,
+        ws: web.WebSocketResponse,
+        default_task: str | None,
+    ) -> None:
+        self._app = app
+        self._conn = conn
+        self._ws = ws
+        self._hub: Hub = app[hub_key]
+        self._store: Store = app[store_key]
+        self._history = app[history_key]
+        self._default_task = default_task
+
+    async def run(self, identity: Identity, last_seq: int | None) -> web.WebSocketResponse:
+        conn, ws, hub = self._conn, self._ws, self._hub
+        loop = asyncio.get_running_loop()
+        hub.connect(conn)
+        self._app[websockets_key].add(conn)
+        log.info("ws.connect conn=%s user=%s", conn.id, conn.user_id)
+        # A token that expires while the socket is open ends it with 4401.
+        expiry = loop.call_later(
+            max(0.0, identity.expires_at - time.time()),
+            conn.close,
+            protocol.CLOSE_TOKEN_EXPIRED,
+            "token expired",
+            None,
+        )
+        try:
+            if self._default_task is not None:
+                await self._subscribe(self._default_task, last_seq, None)
+            while True:
+                msg = await ws.receive()
+                conn.mark_seen(loop.time())
+                if msg.type is WSMsgType.TEXT:
+                    await self._handle_text(msg.data)
+                elif msg.type is WSMsgType.PING:
+                    await ws.pong(msg.data)
+                elif msg.type is WSMsgType.PONG:
+                    pass
+                elif msg.type is WSMsgType.BINARY:
+                    conn.push(
+                        protocol.error_message("bad_request", "binary frames are not supported")
+                    )
+                elif msg.type is WSMsgType.ERROR:
+                    if conn.close_code is None and ws.close_code is not None:
+                        conn.close_code = ws.close_code
+                        conn.close_reason = str(ws.exception() or "error")
+                    break
+                else:  # CLOSE, CLOSING, CLOSED
+                    break
+        finally:
+            expiry.cancel()
+            watched = hub.disconnect(conn)
+            self._app[websockets_key].discard(conn)
+            for task_id in watched:
+                self._history.closed(conn.id, task_id)
+            await conn.finish()
+            code = conn.close_code or ws.close_code
+            log.info(
+                "ws.disconnect conn=%s user=%s code=%s reason=%s",
+                conn.id,
+                conn.user_id,
+                code,
+                (conn.close_reason or "client").replace(" ", "_"),
+            )
+        return ws
+
+    async def _handle_text(self, text: str) -> None:
+        conn = self._conn
+        try:
+            message = protocol.parse_client_message(text)
+            action, data, msg_id = message.action, message.data, message.msg_id
+            if action == "ping":
+                conn.push(protocol.pong_message(msg_id))
+            elif action == "subscribe":
+                await self._subscribe(data["task_id"], data.get("last_seq"), msg_id)
+            elif action == "unsubscribe":
+                if self._hub.unsubscribe(conn, data["task_id"]):
+                    self._history.closed(conn.id, data["task_id"])
+                    log.info("ws.unsubscribe conn=%s task=%s", conn.id, data["task_id"])
+                conn.push(protocol.unsubscribed_message(data["task_id"], msg_id))
+            elif action == "get_status":
+                task_id = data.get("task_id") or self._default_task
+                if task_id is None:
+                    raise protocol.ProtocolError(
+                        "bad_request",
+                        "task_id is required",
+                        msg_id=msg_id,
+                        fields={"task_id": ["Missing data for required field."]},
+                    )
+                task = await self._owned_task(task_id, msg_id)
+                conn.push(protocol.snapshot_message(task, msg_id))
+        except protocol.ProtocolError as exc:
+            conn.push(protocol.error_message(exc.code, exc.message, exc.msg_id, exc.fields))
+        except ApiError as exc:
+            conn.push(protocol.error_message(exc.code, exc.message))
+        except Exception:
+            log.exception("ws.handler_error conn=%s", conn.id)
+            conn.push(protocol.error_message("internal", "internal error"))
+
+    async def _owned_task(self, task_id: str, msg_id: Any) -> Task:
+        task = await self._store.get_task(task_id)
+        if task is None or task.user_id != self._conn.user_id:
+            # Same answer for missing and foreign tasks: existence is not revealed.
+            raise protocol.ProtocolError("not_found", "task not found", msg_id=msg_id)
+        return task
+
+    async def _subscribe(self, task_id: str, last_seq: int | None, msg_id: Any) -> None:
+        """Subscribe, then send the snapshot or the missed events, then go live.
+
+        The subscription buffers live events from before the first read, so an event
+        committed during the replay is either in what is read or in the buffer; the hub
+        drops the buffered ones already sent (by seq).
+        """
+        conn, hub = self._conn, self._hub
+        was_subscribed = hub.is_subscribed(conn, task_id)
+        sub = hub.subscribe(conn, task_id)
+        try:
+            task = await self._owned_task(task_id, msg_id)
+        except protocol.ProtocolError:
+            hub.unsubscribe(conn, task_id)
+            raise
+        if not was_subscribed:
+            self._history.opened(conn.id, conn.user_id, task_id)
+        log.info("ws.subscribe conn=%s task=%s last_seq=%s", conn.id, task_id, last_seq)
+        delivered = await self._replay(task, last_seq, msg_id)
+        hub.go_live(sub, delivered)
+
+    async def _replay(self, task: Task, last_seq: int | None, msg_id: Any) -> int:
+        """Send what the subscriber is missing; returns the last seq it has been given."""
+        conn = self._conn
+        if last_seq is None:
+            conn.push(protocol.snapshot_message(task, msg_id))
+            return task.seq
+        if last_seq >= task.seq:
+            if last_seq > task.seq:  # the client is ahead of us: its history is not ours
+                conn.push(protocol.snapshot_message(task, msg_id, recovered=False))
+            return task.seq
+        first_kept = await self._store.first_kept_seq(task.id)
+        if first_kept is None or first_kept > last_seq + 1:
+            conn.push(protocol.snapshot_message(task, msg_id, recovered=False))
+            return task.seq
+        delivered = last_seq
+        while True:
+            events = await self._store.list_events(task.id, delivered, REPLAY_PAGE)
+            for event in events:
+                conn.push(protocol.event_message(event))
+                delivered = event.seq
+            if len(events) < REPLAY_PAGE:
+                return delivered
+            await conn.wait_for_room()
