@@ -146,7 +146,8 @@ async def _close_websockets(app: web.Application) -> None:
         conn.close(protocol.CLOSE_GOING_AWAY, "server shutdown", notice)
     await asyncio.gather(*(c.wait_writer(app[config_key].shutdown_timeout) for c in conns))
     for conn in conns:
-        conn.abort("shutdown timeout")  # no-op for those already gone
+        if not conn.writer_done:
+            conn.abort("shutdown timeout")
     log.info("server.websockets_closed count=%d", len(conns))
 
 

@@ -142,6 +142,10 @@ class Connection:
         if self._transport is not None and self.close_code in (protocol.CLOSE_SLOW_CONSUMER, 1006):
             self._transport.abort()
 
+    @property
+    def writer_done(self) -> bool:
+        return self._writer.done()
+
     async def wait_writer(self, timeout: float) -> None:
         await asyncio.wait([self._writer], timeout=timeout)
 

@@ -1,0 +1,45 @@
+"""Shared fixtures: a config on a temporary database, the app, an HTTP client, users."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from server.app import create_app
+from server.config import Config
+
+from .helpers import SECRET
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """Fast settings: tiny job step delay, short heartbeats, a fixed 32+ byte secret."""
+    return Config(
+        db_path=tmp_path / "test.db",
+        job_step_delay=0.0,
+        jwt_secret=SECRET,
+        heartbeat_interval=5.0,
+        heartbeat_timeout=5.0,
+        shutdown_timeout=0.5,
+    )
+
+
+@pytest.fixture
+def make_app(config: Config) -> Callable[..., web.Application]:
+    """Build an app from `config` with some fields replaced."""
+
+    def make(**changes: Any) -> web.Application:
+        return create_app(dataclasses.replace(config, **changes))
+
+    return make
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, config: Config) -> TestClient:
+    return await aiohttp_client(create_app(config), server_kwargs={"shutdown_timeout": 0.5})
