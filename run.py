@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the port is taken, or the database folder is not writable
+        print(f"error: cannot start the server: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

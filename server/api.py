@@ -145,6 +145,11 @@ async def _create(
     request: web.Request, identity: Identity, kind: str, params: dict[str, Any]
 ) -> web.Response:
     jobs = request.app[jobs_key]
+    # A well-signed token may name a user that does not exist (e.g. a fresh database with the
+    # same JWT secret). Its insert would break the foreign key inside the tracker's group
+    # commit and fail every other request in that batch with it: refuse it here.
+    if await request.app[store_key].get_user(identity.user_id) is None:
+        raise Unauthorized("unknown user", code="invalid_token")
     if jobs.is_builtin(kind):
         params = _validate(schemas.StockParams(), params)
         params["code"] = params["code"].upper()

@@ -186,4 +186,16 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
         parser.error("heartbeat interval and timeout must be positive")
     if config.job_step_delay < 0:
         parser.error("--job-step-delay must not be negative")
+    # Caught here as usage errors, not as tracebacks from deep inside the start-up.
+    if not 0 <= config.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    if config.jwt_secret is not None and len(config.jwt_secret.encode()) < 32:
+        parser.error("--jwt-secret (JWT_SECRET) must be at least 32 bytes")
+    for name in ("token_ttl", "max_frame_bytes", "max_body_bytes", "send_queue_messages"):
+        if getattr(config, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if config.send_queue_bytes <= 0 or config.shutdown_timeout < 0:
+        parser.error("--send-queue-bytes must be positive, --shutdown-timeout not negative")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        parser.error("--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return config

@@ -130,17 +130,27 @@ class Connection:
         self._wake()
 
     async def finish(self) -> None:
-        """Called once the handler stops reading: stop the writer and release the socket."""
+        """Called once the handler stops reading: stop the writer and release the socket.
+
+        Safe to cancel (aiohttp cancels the handler when the peer goes away if
+        handler_cancellation is on, as in its test server): the writer is stopped anyway.
+        """
         self._closing = True
-        if self._closer is not None:
-            await asyncio.wait([self._closer], timeout=CLOSE_GRACE * 2)
-        if not self._writer.done():
-            # Give an ongoing close (shutdown notice + 1001) a moment, then stop it.
-            done, _ = await asyncio.wait([self._writer], timeout=CLOSE_GRACE)
-            if not done:
+        self._wake()  # an idle writer sees _closing and returns at once
+        try:
+            if self._closer is not None:
+                await asyncio.wait([self._closer], timeout=CLOSE_GRACE * 2)
+            if not self._writer.done():
+                # Give an ongoing close (shutdown notice + 1001) a moment, then stop it.
+                await asyncio.wait([self._writer], timeout=CLOSE_GRACE)
+        finally:
+            if not self._writer.done():
                 self._writer.cancel()
-        if self._transport is not None and self.close_code in (protocol.CLOSE_SLOW_CONSUMER, 1006):
-            self._transport.abort()
+            if self._transport is not None and self.close_code in (
+                protocol.CLOSE_SLOW_CONSUMER,
+                1006,
+            ):
+                self._transport.abort()
 
     @property
     def writer_done(self) -> bool:
@@ -201,6 +211,8 @@ class Connection:
         try:
             while True:
                 if not self._outbox:
+                    if self._closing:
+                        return  # nothing more will be queued
                     self._wakeup = loop.create_future()
                     await self._wakeup
                     self._wakeup = None

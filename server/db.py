@@ -51,10 +51,15 @@ def _check_file(path: Path) -> None:
 
 async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None, timeout=10)
-    conn.row_factory = aiosqlite.Row
-    await conn.execute("PRAGMA foreign_keys = ON")
-    await conn.execute(f"PRAGMA synchronous = {synchronous}")
-    await conn.execute("PRAGMA busy_timeout = 10000")
+    try:
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await conn.execute(f"PRAGMA synchronous = {synchronous}")
+        await conn.execute("PRAGMA busy_timeout = 10000")
+    except BaseException:
+        # A corrupt file fails here already; an unclosed aiosqlite thread would hang exit.
+        await conn.close()
+        raise
     return conn
 
 
@@ -77,7 +82,10 @@ async def open_database(path: Path, migrations_dir: Path, synchronous: str = "FU
             mode = (await cur.fetchone())[0]
         if mode.lower() != "wal":
             raise DatabaseError(f"{path}: could not switch to WAL mode (got {mode})")
-        await apply_migrations(writer, migrations_dir)
+        try:
+            await apply_migrations(writer, migrations_dir)
+        except DatabaseError as exc:
+            raise DatabaseError(f"{path}: {exc}") from exc
         reader = await _connect(path, synchronous)
     except sqlite3.DatabaseError as exc:
         for conn in (reader, writer):

@@ -9,9 +9,10 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 
 from .models import TaskStatus
 
-USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+#: \Z, not $: "$" also matches before a trailing newline ("alice\n" would pass).
+USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}\Z")
 #: A 6-digit A-share code, or a ticker of 1-10 letters and dots with at least one letter.
-STOCK_CODE = re.compile(r"^(?:\d{6}|(?=[A-Za-z.]*[A-Za-z])[A-Za-z.]{1,10})$")
+STOCK_CODE = re.compile(r"^(?:[0-9]{6}|(?=[A-Za-z.]*[A-Za-z])[A-Za-z.]{1,10})\Z")
 STOCK_ANALYSIS = "stock_analysis"
 
 
@@ -69,7 +70,7 @@ class StockParams(Schema):
 class CreateTask(Schema):
     kind = fields.String(
         required=True,
-        validate=validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}$", error="1-64 of A-Z a-z 0-9 _ . : -"),
+        validate=validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}\Z", error="1-64 of A-Z a-z 0-9 _ . : -"),
     )
     params = fields.Dict(keys=fields.String(), load_default=dict)
 
@@ -112,7 +113,8 @@ class ListEventsQuery(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    after_seq = fields.Integer(validate=validate.Range(min=0), load_default=0)
+    # Capped at SQLite's INTEGER range: a bigger value would fail to bind (a 500, not a 422).
+    after_seq = fields.Integer(validate=validate.Range(min=0, max=2**63 - 1), load_default=0)
     limit = fields.Integer(validate=validate.Range(min=1, max=1000), load_default=1000)
 
 

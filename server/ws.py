@@ -172,15 +172,16 @@ class Session:
             self._app[websockets_key].discard(conn)
             for task_id in watched:
                 self._history.closed(conn.id, task_id)
-            await conn.finish()
-            code = conn.close_code or ws.close_code
-            log.info(
-                "ws.disconnect conn=%s user=%s code=%s reason=%s",
-                conn.id,
-                conn.user_id,
-                code,
-                (conn.close_reason or "client").replace(" ", "_"),
-            )
+            try:
+                await conn.finish()
+            finally:  # logged even when aiohttp cancels the handler of a vanished peer
+                log.info(
+                    "ws.disconnect conn=%s user=%s code=%s reason=%s",
+                    conn.id,
+                    conn.user_id,
+                    conn.close_code or ws.close_code,
+                    (conn.close_reason or "client").replace(" ", "_"),
+                )
         return ws
 
     async def _handle_text(self, text: str) -> None:
@@ -262,8 +263,10 @@ class Session:
         while True:
             events = await self._store.list_events(task.id, delivered, REPLAY_PAGE)
             for event in events:
+                # Pace by the outbox, not by the page: a page may be longer than the send
+                # queue, and a client that reads is not a slow consumer.
+                await conn.wait_for_room()
                 conn.push(protocol.event_message(event))
                 delivered = event.seq
             if len(events) < REPLAY_PAGE:
                 return delivered
-            await conn.wait_for_room()

@@ -1,0 +1,140 @@
+"""Config.from_args: defaults, flags, environment variables, precedence, usage errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import PROJECT_ROOT, Config, _flag_specs, build_parser, from_args
+
+from .helpers import SECRET
+
+
+def test_defaults_without_flags_or_environment() -> None:
+    """No flags and an empty environment give the documented defaults."""
+    config = from_args([], env={})
+    assert config == Config()
+    assert (config.host, config.port, config.db_path) == ("127.0.0.1", 8080, Path("data/app.db"))
+    assert config.job_step_delay == 1.0
+    assert config.jwt_secret is None
+    assert config.migrations_dir == PROJECT_ROOT / "migrations"
+
+
+def test_flags_set_every_field() -> None:
+    """Each flag lands in its field, converted to the field's type."""
+    config = from_args(
+        [
+            "--host", "0.0.0.0",
+            "--port", "9001",
+            "--db", "/tmp/x/app.db",
+            "--job-step-delay", "0.25",
+            "--jwt-secret", SECRET,
+            "--token-ttl", "60",
+            "--allowed-origins", "https://a.example/, http://b.example:8000",
+            "--heartbeat-interval", "2.5",
+            "--heartbeat-timeout", "1.5",
+            "--max-frame-bytes", "1024",
+            "--max-body-bytes", "2048",
+            "--send-queue-messages", "10",
+            "--send-queue-bytes", "4096",
+            "--sqlite-synchronous", "normal",
+            "--shutdown-timeout", "0.5",
+            "--log-level", "DEBUG",
+        ],
+        env={},
+    )  # fmt: skip
+    assert config == Config(
+        host="0.0.0.0",
+        port=9001,
+        db_path=Path("/tmp/x/app.db"),
+        job_step_delay=0.25,
+        jwt_secret=SECRET,
+        token_ttl=60,
+        allowed_origins=("https://a.example", "http://b.example:8000"),
+        heartbeat_interval=2.5,
+        heartbeat_timeout=1.5,
+        max_frame_bytes=1024,
+        max_body_bytes=2048,
+        send_queue_messages=10,
+        send_queue_bytes=4096,
+        sqlite_synchronous="NORMAL",
+        shutdown_timeout=0.5,
+        log_level="DEBUG",
+    )
+
+
+def test_environment_variables_apply_without_flags() -> None:
+    """PROGRESS_* and JWT_SECRET fill the fields when no flag is given."""
+    env = {
+        "PROGRESS_HOST": "::1",
+        "PROGRESS_PORT": "7000",
+        "PROGRESS_DB": "elsewhere/p.db",
+        "PROGRESS_JOB_STEP_DELAY": "0",
+        "JWT_SECRET": SECRET,
+        "PROGRESS_ALLOWED_ORIGINS": "https://ui.example",
+        "PROGRESS_HEARTBEAT_INTERVAL": "3",
+    }
+    config = from_args([], env=env)
+    assert (config.host, config.port, config.db_path) == ("::1", 7000, Path("elsewhere/p.db"))
+    assert (config.job_step_delay, config.jwt_secret) == (0.0, SECRET)
+    assert config.allowed_origins == ("https://ui.example",)
+    assert config.heartbeat_interval == 3.0
+
+
+def test_flag_beats_environment_variable() -> None:
+    """A flag on the command line wins over its environment variable."""
+    env = {"PROGRESS_PORT": "7000", "PROGRESS_DB": "env.db", "PROGRESS_JOB_STEP_DELAY": "5"}
+    config = from_args(["--port", "7100", "--db", "flag.db"], env=env)
+    assert (config.port, config.db_path) == (7100, Path("flag.db"))
+    assert config.job_step_delay == 5.0  # no flag: the variable still applies
+
+
+def test_empty_environment_variable_is_ignored() -> None:
+    """An empty variable counts as unset."""
+    assert from_args([], env={"PROGRESS_PORT": "", "JWT_SECRET": ""}) == Config()
+
+
+def test_every_flag_has_an_environment_variable() -> None:
+    """Each flag's help names its environment variable."""
+    text = build_parser().format_help()
+    for flag, env_name, _, _ in _flag_specs():
+        assert flag in text and env_name in text
+
+
+def test_secret_path_is_beside_the_database() -> None:
+    """A generated secret is kept next to the database file."""
+    config = from_args(["--db", "/srv/p/app.db"], env={})
+    assert config.secret_path == Path("/srv/p/app.db.jwt-secret")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--port", "eighty"], {}),
+        (["--port", "70000"], {}),
+        (["--port", "-1"], {}),
+        ([], {"PROGRESS_PORT": "eighty"}),
+        ([], {"PROGRESS_JOB_STEP_DELAY": "soon"}),
+        (["--job-step-delay", "-1"], {}),
+        (["--heartbeat-interval", "0"], {}),
+        (["--heartbeat-timeout", "-2"], {}),
+        (["--sqlite-synchronous", "OFF"], {}),
+        (["--jwt-secret", "too-short"], {}),
+        ([], {"JWT_SECRET": "too-short"}),
+        (["--token-ttl", "0"], {}),
+        (["--max-frame-bytes", "0"], {}),
+        (["--log-level", "LOUD"], {}),
+        (["--no-such-flag"], {}),
+    ],
+)
+def test_bad_values_are_usage_errors(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad flag or variable exits with argparse's usage error (status 2), no traceback."""
+    with pytest.raises(SystemExit) as exc_info:
+        from_args(argv, env=env)
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: run.py")
+    assert "error:" in err

@@ -1,0 +1,169 @@
+"""open_database: folder and file creation, WAL, migrations applied once, refusing bad files."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from server.config import PROJECT_ROOT
+from server.db import DatabaseError, apply_migrations, open_database
+
+MIGRATIONS = PROJECT_ROOT / "migrations"
+
+
+def _sqlite_threads() -> set[threading.Thread]:
+    """aiosqlite's per-connection worker threads that are still alive."""
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+def _assert_no_leaked_connections(before: set[threading.Thread]) -> None:
+    """Every connection opened since `before` was closed (its thread ends; bounded wait)."""
+    for thread in _sqlite_threads() - before:
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "an aiosqlite connection was left open"
+
+
+def _versions(path: Path) -> list[tuple[int, str, str]]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
+        ).fetchall()
+    conn.close()
+    return rows
+
+
+async def test_creates_folder_and_applies_migrations_once(tmp_path: Path) -> None:
+    """A new path gets its folder, file and schema; re-opening applies nothing again."""
+    path = tmp_path / "new" / "dir" / "app.db"
+    db = await open_database(path, MIGRATIONS)
+    try:
+        async with db.reader.execute("SELECT name FROM sqlite_master WHERE type = 'table'") as cur:
+            tables = {row[0] for row in await cur.fetchall()}
+    finally:
+        await db.close()
+    assert {"users", "tasks", "task_events", "subscriptions", "schema_migrations"} <= tables
+    first = _versions(path)
+    assert [(v, n) for v, n, _ in first] == [(1, "initial")]
+
+    db = await open_database(path, MIGRATIONS)
+    try:
+        assert await apply_migrations(db.writer, MIGRATIONS) == []
+    finally:
+        await db.close()
+    assert _versions(path) == first  # same row, same applied_at
+
+
+async def test_new_migration_is_applied_on_next_open(tmp_path: Path) -> None:
+    """Only the migrations not yet recorded run, in order."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, migrations)
+    path = tmp_path / "app.db"
+    db = await open_database(path, migrations)
+    await db.close()
+    (migrations / "0002_notes.sql").write_text("CREATE TABLE notes (id INTEGER PRIMARY KEY);\n")
+    db = await open_database(path, migrations)
+    try:
+        assert await apply_migrations(db.writer, migrations) == []
+        async with db.reader.execute("SELECT count(*) FROM notes") as cur:
+            assert (await cur.fetchone())[0] == 0
+    finally:
+        await db.close()
+    assert [v for v, _, _ in _versions(path)] == [1, 2]
+
+
+async def test_wal_mode_and_pragmas(tmp_path: Path) -> None:
+    """Both connections run in WAL mode with foreign keys on and the chosen synchronous level."""
+    db = await open_database(tmp_path / "app.db", MIGRATIONS, synchronous="NORMAL")
+    try:
+        for conn in (db.writer, db.reader):
+            async with conn.execute("PRAGMA journal_mode") as cur:
+                assert (await cur.fetchone())[0] == "wal"
+            async with conn.execute("PRAGMA foreign_keys") as cur:
+                assert (await cur.fetchone())[0] == 1
+            async with conn.execute("PRAGMA synchronous") as cur:
+                assert (await cur.fetchone())[0] == 1  # NORMAL
+    finally:
+        await db.close()
+
+
+async def test_empty_file_is_treated_as_new(tmp_path: Path) -> None:
+    """A zero-byte file (e.g. from `touch`) becomes a fresh database."""
+    path = tmp_path / "empty.db"
+    path.touch()
+    db = await open_database(path, MIGRATIONS)
+    await db.close()
+    assert [v for v, _, _ in _versions(path)] == [1]
+
+
+async def test_refuses_junk_file_without_touching_it(tmp_path: Path) -> None:
+    """A file that is not SQLite raises DatabaseError naming it and is left as it was."""
+    path = tmp_path / "notes.txt"
+    junk = b"just some text, definitely not a database\n" * 20
+    path.write_bytes(junk)
+    with pytest.raises(DatabaseError, match="not an SQLite database") as exc_info:
+        await open_database(path, MIGRATIONS)
+    assert str(path) in str(exc_info.value)
+    assert path.read_bytes() == junk
+    assert not path.with_name("notes.txt-wal").exists()
+
+
+async def test_refuses_corrupt_sqlite_file(tmp_path: Path) -> None:
+    """A file with an SQLite header but a wrecked body raises DatabaseError (and leaks nothing)."""
+    path = tmp_path / "broken.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 50)
+    conn.close()
+    data = bytearray(path.read_bytes())
+    data[100:4000] = b"\xa5" * 3900
+    path.write_bytes(bytes(data))
+    before = _sqlite_threads()
+    with pytest.raises(DatabaseError) as exc_info:
+        await open_database(path, MIGRATIONS)
+    assert str(path) in str(exc_info.value)
+    _assert_no_leaked_connections(before)  # a leaked thread would hang interpreter exit
+
+
+async def test_refuses_schema_from_a_newer_version(tmp_path: Path) -> None:
+    """A database recording a migration we do not have raises DatabaseError naming it."""
+    path = tmp_path / "future.db"
+    db = await open_database(path, MIGRATIONS)
+    await db.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (42, 'future', 'x')")
+    conn.close()
+    before = _sqlite_threads()
+    with pytest.raises(DatabaseError, match=r"\[42\]") as exc_info:
+        await open_database(path, MIGRATIONS)
+    assert str(path) in str(exc_info.value)
+    _assert_no_leaked_connections(before)
+
+
+async def test_failed_migration_is_rolled_back(tmp_path: Path) -> None:
+    """A migration that fails halfway leaves neither its tables nor its record behind."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, migrations)
+    (migrations / "0002_broken.sql").write_text(
+        "CREATE TABLE half (id INTEGER);\nINSERT INTO no_such_table VALUES (1);\n"
+    )
+    path = tmp_path / "app.db"
+    with pytest.raises(DatabaseError):
+        await open_database(path, migrations)
+    assert [v for v, _, _ in _versions(path)] == [1]
+    with sqlite3.connect(path) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert "half" not in names
+
+
+async def test_refuses_badly_named_migration(tmp_path: Path) -> None:
+    """Migration files must be named NNNN_name.sql."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, migrations)
+    (migrations / "2_oops.sql").write_text("SELECT 1;\n")
+    with pytest.raises(DatabaseError, match="2_oops.sql"):
+        await open_database(tmp_path / "app.db", migrations)
