@@ -169,6 +169,10 @@ class Connection:
             self._room = loop.create_future()
             # Re-check now and then: a closing connection stops resolving _room.
             await asyncio.wait([self._room], timeout=1.0)
+            if self._room.done():
+                # The handler does not read (so sees no pong) while it replays; a peer that
+                # keeps taking data is alive, so the heartbeat must not drop it meanwhile.
+                self.mark_seen(loop.time())
 
     # -- internals -----------------------------------------------------------------------
 

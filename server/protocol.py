@@ -91,7 +91,9 @@ def parse_client_message(text: str) -> ClientMessage:
 
 
 def _dump(message: dict[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    # ASCII-only (non-ASCII as \u escapes): len(text) is then its size in bytes on the wire,
+    # which the connection's byte limit relies on.
+    return json.dumps(message, separators=(",", ":"))
 
 
 def _with_id(message: dict[str, Any], msg_id: Any) -> dict[str, Any]:

@@ -149,6 +149,11 @@ class WsEnvelope(Schema):
 
 
 class WsPing(Schema):
+    """Fields a message does not use are ignored, so newer clients work with this server."""
+
+    class Meta:
+        unknown = EXCLUDE
+
     action = fields.String(required=True)
     id = fields.Raw(allow_none=True)
 

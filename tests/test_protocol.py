@@ -27,7 +27,6 @@ from server.models import Event, EventType, TaskStatus
         '{"action": "subscribe", "task_id": "t", "last_seq": -1}',
         '{"action": "subscribe", "task_id": "t", "last_seq": 1.5}',
         '{"action": "unsubscribe"}',
-        '{"action": "ping", "extra": 1}',
     ],
 )
 def test_bad_messages_are_bad_request(text):
@@ -42,6 +41,12 @@ def test_id_is_kept_for_the_error_reply():
     with pytest.raises(protocol.ProtocolError) as info:
         protocol.parse_client_message('{"action": "subscribe", "id": "a1"}')
     assert info.value.msg_id == "a1"
+
+
+def test_unknown_fields_are_ignored():
+    """Extra fields (from a newer client) do not make a message invalid."""
+    message = protocol.parse_client_message('{"action": "ping", "trace": "x", "id": 1}')
+    assert message.action == "ping" and "trace" not in message.data
 
 
 def test_valid_messages():
