@@ -83,7 +83,8 @@ class CreateTask(Schema):
 class ReportProgress(Schema):
     progress = Number(required=True, validate=validate.Range(min=0, max=100))
     step = fields.String(allow_none=True, validate=validate.Length(max=200))
-    message = fields.String(allow_none=True, validate=validate.Length(max=2000))
+    #: Up to 64 KiB: workers may send a log excerpt (the HTTP body limit still applies).
+    message = fields.String(allow_none=True, validate=validate.Length(max=65536))
 
 
 class CompleteTask(Schema):
