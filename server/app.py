@@ -99,7 +99,7 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
     async def services(app: web.Application) -> AsyncIterator[None]:
         db = await open_database(config.db_path, config.migrations_dir, config.sqlite_synchronous)
         store = Store(db)
-        tracker = Tracker(store)
+        tracker = Tracker(store, max_batch=config.commit_batch_max)
         hub = Hub(encode=protocol.event_message)
         history = SubscriptionHistory(store)
         jobs = JobRunner(tracker, SyntheticPriceProvider(), config.job_step_delay)

@@ -45,6 +45,8 @@ class Config:
     #: SQLite synchronous mode: FULL fsyncs every commit (survives power loss), NORMAL
     #: survives a process crash only.
     sqlite_synchronous: str = "FULL"
+    #: Most events folded into one transaction (group commit); 1 commits each on its own.
+    commit_batch_max: int = 512
     #: Seconds given to clients and writers at shutdown.
     shutdown_timeout: float = 3.0
     log_level: str = "INFO"
@@ -120,6 +122,12 @@ def _flag_specs() -> list[tuple[str, str, type, str]]:
             "SQLite synchronous mode: FULL or NORMAL",
         ),
         (
+            "--commit-batch-max",
+            "PROGRESS_COMMIT_BATCH_MAX",
+            int,
+            "most events per transaction (group commit; 1 = one transaction per event)",
+        ),
+        (
             "--shutdown-timeout",
             "PROGRESS_SHUTDOWN_TIMEOUT",
             float,
@@ -191,7 +199,13 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
         parser.error("--port must be between 0 and 65535")
     if config.jwt_secret is not None and len(config.jwt_secret.encode()) < 32:
         parser.error("--jwt-secret (JWT_SECRET) must be at least 32 bytes")
-    for name in ("token_ttl", "max_frame_bytes", "max_body_bytes", "send_queue_messages"):
+    for name in (
+        "commit_batch_max",
+        "token_ttl",
+        "max_frame_bytes",
+        "max_body_bytes",
+        "send_queue_messages",
+    ):
         if getattr(config, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if config.send_queue_bytes <= 0 or config.shutdown_timeout < 0:

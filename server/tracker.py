@@ -175,8 +175,9 @@ def _new_task(create: Create, ts: str) -> tuple[Task, list[Event]]:
 class Tracker:
     """The only writer of tasks and events."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_batch: int = MAX_BATCH) -> None:
         self._store = store
+        self._max_batch = max_batch
         self._listeners: list[Listener] = []
         #: Requests waiting for the commit loop; None asks the loop to stop.
         self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
@@ -255,7 +256,7 @@ class Tracker:
                 stopping = True
             else:
                 batch.append(first)
-            while len(batch) < MAX_BATCH and not self._queue.empty():
+            while len(batch) < self._max_batch and not self._queue.empty():
                 item = self._queue.get_nowait()
                 if item is None:
                     stopping = True

@@ -1,0 +1,170 @@
+"""Run the benchmark suite: python -m benchmarks.run [--quick] [--only B1,B4] [--repeat 3]
+
+Starts the real server (and the bare-aiohttp reference) as subprocesses on temporary
+databases, drives them from separate client processes on 127.0.0.1, prints a table of
+min / median / max per figure with the ratio to the reference, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .scenarios import SCENARIOS, Sizes, median
+from .targets import ROOT, Target, free_port
+
+#: Flags for the real server: limits raised so one benchmark user may open thousands of
+#: sockets and post as fast as it can; everything else is the default configuration.
+SERVER_ARGS: list[str] = []
+NAIVE_ARGS = ["--commit-batch-max", "1"]
+
+#: (scenario, figure, compared with, how): the targets of the performance issue.
+TARGETS = [
+    ("B1", "p99_ms", "reference", "<= 1.5x"),
+    ("B2", "deliveries_per_s", "reference", ">= 0.7x"),
+    ("B3", "deliveries_per_s", "reference", ">= 0.7x"),
+    ("B4", "rss_per_conn_kib", "reference", "<= 1.3x"),
+    ("B5", "p99_ms", "B1", "<= 1.5x"),
+    ("B6", "events_per_s", "naive", ">= 3x"),
+]
+
+
+def variants(scenario: str, with_reference: bool) -> list[tuple[str, list[str]]]:
+    out = [("server", SERVER_ARGS)]
+    if with_reference:
+        out.append(("reference", []))
+    if scenario == "B6":
+        out.append(("naive", SERVER_ARGS + NAIVE_ARGS))
+    return out
+
+
+async def run_once(name: str, args: list[str], scenario: str, sizes: Sizes) -> dict[str, Any]:
+    target = Target(name="reference" if name == "reference" else "server", port=free_port(),
+                    extra_args=args)
+    target.start()
+    try:
+        return await SCENARIOS[scenario][1](target, sizes)
+    finally:
+        target.stop()
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            clean = [v for v in values if v == v]
+            out[key] = {"min": min(clean, default=float("nan")), "median": median(values),
+                        "max": max(clean, default=float("nan")), "runs": values}
+        else:
+            out[key] = {"runs": values}
+    return out
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if value != value:
+        return "nan"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print()
+    print(f"{'id':4} {'variant':10} {'figure':20} {'min':>10} {'median':>10} {'max':>10} {'ratio':>8}")
+    for scenario, by_variant in results["scenarios"].items():
+        ref = by_variant.get("reference")
+        for variant, figures in by_variant.items():
+            for key, stats in figures.items():
+                if "median" not in stats:
+                    print(f"{scenario:4} {variant:10} {key:20} {'':>10} {fmt(stats['runs']):>10}")
+                    continue
+                ratio = ""
+                if variant == "server" and ref and key in ref and "median" in ref[key]:
+                    base = ref[key]["median"]
+                    ratio = fmt(stats["median"] / base) + "x" if base else ""
+                print(f"{scenario:4} {variant:10} {key:20} {fmt(stats['min']):>10} "
+                      f"{fmt(stats['median']):>10} {fmt(stats['max']):>10} {ratio:>8}")
+    print()
+    for line in results["targets"]:
+        print(line)
+
+
+def check_targets(results: dict[str, Any]) -> list[str]:
+    lines = []
+    sc = results["scenarios"]
+    for scenario, figure, against, how in TARGETS:
+        try:
+            ours = sc[scenario]["server"][figure]["median"]
+            base = (sc["B1"]["server"][figure] if against == "B1" else sc[scenario][against][figure])["median"]
+        except KeyError:
+            continue
+        ratio = ours / base if base else float("nan")
+        limit = float(how.split()[1].rstrip("x"))
+        ok = ratio <= limit if how.startswith("<=") else ratio >= limit
+        lines.append(f"target {scenario} {figure}: {fmt(ours)} vs {against} {fmt(base)} = "
+                     f"{ratio:.2f}x (want {how}) {'MET' if ok else 'MISSED'}")
+    if "B5" in sc:
+        b5 = sc["B5"]["server"]
+        growth = b5["rss_growth_mib"]["max"]
+        closed = b5["stalled_closed"]["min"]
+        lines.append(f"target B5 rss growth: max {fmt(growth)} MiB (want <= 64) "
+                     f"{'MET' if growth <= 64 else 'MISSED'}; stalled closed: min {closed} "
+                     f"of {b5['stalled']['runs'][0]}")
+    if "B7" in sc:
+        b7 = sc["B7"]["server"]
+        clean = max(b7["gaps"]["runs"]) == 0 and max(b7["dups"]["runs"]) == 0
+        lines.append(f"target B7: gaps {max(b7['gaps']['runs'])} dups {max(b7['dups']['runs'])} "
+                     f"all final {all(b7['all_final']['runs'])}; recovery median "
+                     f"{fmt(b7['recovery_s']['median'])} s {'MET' if clean else 'MISSED'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="scenario ids, e.g. B1,B6")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario and variant")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
+    for f in dataclasses.fields(Sizes):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+    args = parser.parse_args(argv)
+    sizes = Sizes.quick() if args.quick else Sizes()
+    for f in dataclasses.fields(Sizes):
+        value = getattr(args, f.name)
+        if value is not None:
+            setattr(sizes, f.name, value)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "platform": platform.platform()},
+        "sizes": dataclasses.asdict(sizes), "repeat": args.repeat, "scenarios": {},
+    }
+    for scenario in chosen:
+        title, _, with_reference = SCENARIOS[scenario]
+        results["scenarios"][scenario] = {}
+        for name, extra in variants(scenario, with_reference):
+            runs = []
+            for i in range(args.repeat):
+                print(f"{scenario} {title}: {name} run {i + 1}/{args.repeat}", flush=True)
+                runs.append(asyncio.run(run_once(name, extra, scenario, sizes)))
+            results["scenarios"][scenario][name] = summarise(runs)
+    results["targets"] = check_targets(results)
+    print_table(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
