@@ -79,7 +79,10 @@ class Worker:
             ready.put(("ready", os.getpid(), time.monotonic() - started))
             watcher = asyncio.create_task(self._watch_goals()) if spec.goal_file else None
             await asyncio.gather(
-                *(self._receive(session, ws, state) for ws, state in zip(sockets, states, strict=True))
+                *(
+                    self._receive(session, ws, state)
+                    for ws, state in zip(sockets, states, strict=True)
+                )
             )
             if watcher is not None:
                 watcher.cancel()
@@ -96,13 +99,17 @@ class Worker:
             "gaps": sum(s.gaps for s in states),
             "dups": sum(s.dups for s in states),
             "reconnects": sum(s.reconnects for s in states),
-            "incomplete": sum(1 for s in states if s.done_at is None) if spec.expected_per_task else 0,
+            "incomplete": sum(1 for s in states if s.done_at is None)
+            if spec.expected_per_task
+            else 0,
             "last_done_at": max(done) if done else None,
             "last_caught_up_at": max(caught) if len(caught) == len(states) else None,
             "final_seq_ok": all(
                 all(s.last_seq.get(t, -1) == self.goals.get("final", {}).get(t) for t in s.tasks)
                 for s in states
-            ) if spec.goal_file else None,
+            )
+            if spec.goal_file
+            else None,
             "latencies": self.latencies,
             "connect_errors": self.connect_errors,
             "shed": self.shed,
@@ -110,7 +117,9 @@ class Worker:
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
         }
 
-    async def _open(self, session: aiohttp.ClientSession, state: ClientState) -> aiohttp.ClientWebSocketResponse:
+    async def _open(
+        self, session: aiohttp.ClientSession, state: ClientState
+    ) -> aiohttp.ClientWebSocketResponse:
         """Connect and subscribe (with last_seq once known), retrying with jittered backoff."""
         attempt = 0
         while True:
@@ -134,7 +143,9 @@ class Worker:
                 raise TimeoutError("could not connect before the deadline")
             await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
 
-    async def _connect_all(self, session: aiohttp.ClientSession, states: list[ClientState]) -> list[Any]:
+    async def _connect_all(
+        self, session: aiohttp.ClientSession, states: list[ClientState]
+    ) -> list[Any]:
         sockets: list[Any] = [None] * len(states)
         batch = 50
         for start in range(0, len(states), batch):
@@ -143,7 +154,9 @@ class Worker:
             for i, ws in zip(chunk, opened, strict=True):
                 sockets[i] = ws
         # Wait for each subscription's first answer (snapshot / subscribed): it gives the seq.
-        await asyncio.gather(*(self._await_subscribed(ws, st) for ws, st in zip(sockets, states, strict=True)))
+        await asyncio.gather(
+            *(self._await_subscribed(ws, st) for ws, st in zip(sockets, states, strict=True))
+        )
         return sockets
 
     async def _await_subscribed(self, ws: Any, state: ClientState) -> None:
@@ -190,8 +203,12 @@ class Worker:
                 continue
             if msg.type is aiohttp.WSMsgType.TEXT:
                 self._count(msg.data, state)
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                              aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+            elif msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.ERROR,
+            ):
                 if not spec.reconnect:
                     return
                 state.reconnects += 1
@@ -250,7 +267,8 @@ class Worker:
         key = base64.b64encode(os.urandom(16)).decode()
         sock.sendall(
             f"GET {spec.path} HTTP/1.1\r\nHost: {spec.host}:{spec.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
         )
         head = b""
         while b"\r\n\r\n" not in head:
@@ -299,7 +317,9 @@ class WorkerPool:
         self.results = ctx.Queue()
         self.stop = ctx.Event()
         self.procs = [
-            ctx.Process(target=_worker_main, args=(s, self.ready, self.results, self.stop), daemon=True)
+            ctx.Process(
+                target=_worker_main, args=(s, self.ready, self.results, self.stop), daemon=True
+            )
             for s in specs
         ]
 

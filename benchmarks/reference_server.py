@@ -39,10 +39,15 @@ async def socket(request: web.Request) -> web.WebSocketResponse:
                 if data.get("action") == "subscribe":
                     subscribers[data["task_id"]].add(queue)
                     joined.append(data["task_id"])
-                    queue.put_nowait(json.dumps({
-                        "type": "subscribed", "task_id": data["task_id"],
-                        "seq": seqs[data["task_id"]],
-                    }))
+                    queue.put_nowait(
+                        json.dumps(
+                            {
+                                "type": "subscribed",
+                                "task_id": data["task_id"],
+                                "seq": seqs[data["task_id"]],
+                            }
+                        )
+                    )
     finally:
         writer.cancel()
         for task_id in joined:
@@ -54,8 +59,16 @@ async def publish(request: web.Request) -> web.Response:
     task_id = request.match_info["task_id"]
     body = await request.json()
     seqs[task_id] += 1
-    data = json.dumps({"type": "event", "task_id": task_id, "seq": seqs[task_id], "event": "progress",
-                       "status": "running", **body})
+    data = json.dumps(
+        {
+            "type": "event",
+            "task_id": task_id,
+            "seq": seqs[task_id],
+            "event": "progress",
+            "status": "running",
+            **body,
+        }
+    )
     for queue in subscribers[task_id]:
         queue.put_nowait(data)
     return web.json_response({"seq": seqs[task_id]})

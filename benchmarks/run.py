@@ -47,8 +47,9 @@ def variants(scenario: str, with_reference: bool) -> list[tuple[str, list[str]]]
 
 
 async def run_once(name: str, args: list[str], scenario: str, sizes: Sizes) -> dict[str, Any]:
-    target = Target(name="reference" if name == "reference" else "server", port=free_port(),
-                    extra_args=args)
+    target = Target(
+        name="reference" if name == "reference" else "server", port=free_port(), extra_args=args
+    )
     target.start()
     try:
         return await SCENARIOS[scenario][1](target, sizes)
@@ -62,8 +63,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         values = [r[key] for r in runs]
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             clean = [v for v in values if v == v]
-            out[key] = {"min": min(clean, default=float("nan")), "median": median(values),
-                        "max": max(clean, default=float("nan")), "runs": values}
+            out[key] = {
+                "min": min(clean, default=float("nan")),
+                "median": median(values),
+                "max": max(clean, default=float("nan")),
+                "runs": values,
+            }
         else:
             out[key] = {"runs": values}
     return out
@@ -79,7 +84,9 @@ def fmt(value: Any) -> str:
 
 def print_table(results: dict[str, Any]) -> None:
     print()
-    print(f"{'id':4} {'variant':10} {'figure':20} {'min':>10} {'median':>10} {'max':>10} {'ratio':>8}")
+    print(
+        f"{'id':4} {'variant':10} {'figure':20} {'min':>10} {'median':>10} {'max':>10} {'ratio':>8}"
+    )
     for scenario, by_variant in results["scenarios"].items():
         ref = by_variant.get("reference")
         for variant, figures in by_variant.items():
@@ -91,8 +98,10 @@ def print_table(results: dict[str, Any]) -> None:
                 if variant == "server" and ref and key in ref and "median" in ref[key]:
                     base = ref[key]["median"]
                     ratio = fmt(stats["median"] / base) + "x" if base else ""
-                print(f"{scenario:4} {variant:10} {key:20} {fmt(stats['min']):>10} "
-                      f"{fmt(stats['median']):>10} {fmt(stats['max']):>10} {ratio:>8}")
+                print(
+                    f"{scenario:4} {variant:10} {key:20} {fmt(stats['min']):>10} "
+                    f"{fmt(stats['median']):>10} {fmt(stats['max']):>10} {ratio:>8}"
+                )
     print()
     for line in results["targets"]:
         print(line)
@@ -104,27 +113,35 @@ def check_targets(results: dict[str, Any]) -> list[str]:
     for scenario, figure, against, how in TARGETS:
         try:
             ours = sc[scenario]["server"][figure]["median"]
-            base = (sc["B1"]["server"][figure] if against == "B1" else sc[scenario][against][figure])["median"]
+            base = (
+                sc["B1"]["server"][figure] if against == "B1" else sc[scenario][against][figure]
+            )["median"]
         except KeyError:
             continue
         ratio = ours / base if base else float("nan")
         limit = float(how.split()[1].rstrip("x"))
         ok = ratio <= limit if how.startswith("<=") else ratio >= limit
-        lines.append(f"target {scenario} {figure}: {fmt(ours)} vs {against} {fmt(base)} = "
-                     f"{ratio:.2f}x (want {how}) {'MET' if ok else 'MISSED'}")
+        lines.append(
+            f"target {scenario} {figure}: {fmt(ours)} vs {against} {fmt(base)} = "
+            f"{ratio:.2f}x (want {how}) {'MET' if ok else 'MISSED'}"
+        )
     if "B5" in sc:
         b5 = sc["B5"]["server"]
         growth = b5["rss_growth_mib"]["max"]
         closed = b5["stalled_closed"]["min"]
-        lines.append(f"target B5 rss growth: max {fmt(growth)} MiB (want <= 64) "
-                     f"{'MET' if growth <= 64 else 'MISSED'}; stalled closed: min {closed} "
-                     f"of {b5['stalled']['runs'][0]}")
+        lines.append(
+            f"target B5 rss growth: max {fmt(growth)} MiB (want <= 64) "
+            f"{'MET' if growth <= 64 else 'MISSED'}; stalled closed: min {closed} "
+            f"of {b5['stalled']['runs'][0]}"
+        )
     if "B7" in sc:
         b7 = sc["B7"]["server"]
         clean = max(b7["gaps"]["runs"]) == 0 and max(b7["dups"]["runs"]) == 0
-        lines.append(f"target B7: gaps {max(b7['gaps']['runs'])} dups {max(b7['dups']['runs'])} "
-                     f"all final {all(b7['all_final']['runs'])}; recovery median "
-                     f"{fmt(b7['recovery_s']['median'])} s {'MET' if clean else 'MISSED'}")
+        lines.append(
+            f"target B7: gaps {max(b7['gaps']['runs'])} dups {max(b7['dups']['runs'])} "
+            f"all final {all(b7['all_final']['runs'])}; recovery median "
+            f"{fmt(b7['recovery_s']['median'])} s {'MET' if clean else 'MISSED'}"
+        )
     return lines
 
 
@@ -145,9 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                    "platform": platform.platform()},
-        "sizes": dataclasses.asdict(sizes), "repeat": args.repeat, "scenarios": {},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+        "sizes": dataclasses.asdict(sizes),
+        "repeat": args.repeat,
+        "scenarios": {},
     }
     for scenario in chosen:
         title, _, with_reference = SCENARIOS[scenario]

@@ -53,9 +53,24 @@ class Sizes:
     def quick(cls) -> Sizes:
         """Tiny sizes for the CI smoke run."""
         return cls(
-            b1_subs=20, b1_posts=20, b2_subs=20, b2_posts=40, b3_tasks=10, b3_posts=40,
-            b4_conns=50, b4_tasks=5, b5_normal=10, b5_stalled=2, b5_posts=40, b5_payload=4096,
-            b6_producers=5, b6_posts_each=20, b7_subs=20, b7_tasks=5, b7_rate=40, b7_seconds=2,
+            b1_subs=20,
+            b1_posts=20,
+            b2_subs=20,
+            b2_posts=40,
+            b3_tasks=10,
+            b3_posts=40,
+            b4_conns=50,
+            b4_tasks=5,
+            b5_normal=10,
+            b5_stalled=2,
+            b5_posts=40,
+            b5_payload=4096,
+            b6_producers=5,
+            b6_posts_each=20,
+            b7_subs=20,
+            b7_tasks=5,
+            b7_rate=40,
+            b7_seconds=2,
         )
 
 
@@ -91,11 +106,23 @@ async def _prepare(target: Target, task_count: int) -> list[str]:
         return tasks
 
 
-def _pool(target: Target, assignments: list[list[str]], sizes: Sizes, expected: int,
-          deadline: float, **extra: Any) -> WorkerPool:
+def _pool(
+    target: Target,
+    assignments: list[list[str]],
+    sizes: Sizes,
+    expected: int,
+    deadline: float,
+    **extra: Any,
+) -> WorkerPool:
     specs = [
-        WorkerSpec(url=target.ws_url(), clients=chunk, expected_per_task=expected,
-                   deadline=deadline, port=target.port, **extra)
+        WorkerSpec(
+            url=target.ws_url(),
+            clients=chunk,
+            expected_per_task=expected,
+            deadline=deadline,
+            port=target.port,
+            **extra,
+        )
         for chunk in split(assignments, sizes.workers)
     ]
     return WorkerPool(specs)
@@ -147,8 +174,9 @@ async def fanout_latency(target: Target, sizes: Sizes) -> Figures:
     pool.start()
     cpu0 = cpu_seconds(target.pid)
     async with await _session() as session:
-        await _paced(sizes.b1_posts, sizes.b1_rate,
-                     lambda i: target.publish(session, task, stamp(), i % 100))
+        await _paced(
+            sizes.b1_posts, sizes.b1_rate, lambda i: target.publish(session, task, stamp(), i % 100)
+        )
     results = pool.collect()
     return _summarise(results, cpu_seconds(target.pid) - cpu0)
 
@@ -161,8 +189,11 @@ async def fanout_throughput(target: Target, sizes: Sizes) -> Figures:
     cpu0 = cpu_seconds(target.pid)
     started = time.monotonic()
     async with await _session() as session:
-        await _burst(sizes.b2_posts, sizes.b2_producers,
-                     lambda i: target.publish(session, task, stamp(), i % 100))
+        await _burst(
+            sizes.b2_posts,
+            sizes.b2_producers,
+            lambda i: target.publish(session, task, stamp(), i % 100),
+        )
     results = pool.collect()
     figures = _summarise(results, cpu_seconds(target.pid) - cpu0)
     finished = max(r["last_done_at"] or time.monotonic() for r in results)
@@ -180,8 +211,11 @@ async def many_tasks(target: Target, sizes: Sizes) -> Figures:
     cpu0 = cpu_seconds(target.pid)
     started = time.monotonic()
     async with await _session() as session:
-        await _burst(per_task * len(tasks), sizes.b3_producers,
-                     lambda i: target.publish(session, tasks[i % len(tasks)], stamp(), i % 100))
+        await _burst(
+            per_task * len(tasks),
+            sizes.b3_producers,
+            lambda i: target.publish(session, tasks[i % len(tasks)], stamp(), i % 100),
+        )
     results = pool.collect()
     figures = _summarise(results, cpu_seconds(target.pid) - cpu0)
     finished = max(r["last_done_at"] or time.monotonic() for r in results)
@@ -218,9 +252,16 @@ async def slow_consumers(target: Target, sizes: Sizes) -> Figures:
     deadline = time.monotonic() + sizes.b5_posts / sizes.b5_rate + 120
     path = "/ws" if target.is_reference else f"/api/v1/ws?token={target.token}"
     specs = [
-        WorkerSpec(url=target.ws_url(), clients=chunk, expected_per_task=sizes.b5_posts,
-                   deadline=deadline, port=target.port, path=path, stalled_task=task,
-                   stalled=sizes.b5_stalled if i == 0 else 0)
+        WorkerSpec(
+            url=target.ws_url(),
+            clients=chunk,
+            expected_per_task=sizes.b5_posts,
+            deadline=deadline,
+            port=target.port,
+            path=path,
+            stalled_task=task,
+            stalled=sizes.b5_stalled if i == 0 else 0,
+        )
         for i, chunk in enumerate(split([[task]] * sizes.b5_normal, sizes.workers))
     ]
     pool = WorkerPool(specs)
@@ -323,7 +364,9 @@ async def restart_storm(target: Target, sizes: Sizes) -> Figures:
     async with await _session() as session:
         final = {}
         for task in tasks:
-            async with session.get(f"{target.base}/api/v1/tasks/{task}", headers=target.auth()) as r:
+            async with session.get(
+                f"{target.base}/api/v1/tasks/{task}", headers=target.auth()
+            ) as r:
                 final[task] = (await r.json())["seq"]
     with open(goal_file + ".tmp", "w") as fh:
         json.dump({"checkpoint": checkpoint, "final": final}, fh)
@@ -333,7 +376,9 @@ async def restart_storm(target: Target, sizes: Sizes) -> Figures:
     caught = [r["last_caught_up_at"] for r in results]
     return {
         "subscribers": sizes.b7_subs,
-        "recovery_s": (max(caught) - restart_at) if all(c is not None for c in caught) else float("nan"),
+        "recovery_s": (max(caught) - restart_at)
+        if all(c is not None for c in caught)
+        else float("nan"),
         "server_down_s": back_at - restart_at,
         "gaps": sum(r["gaps"] for r in results),
         "dups": sum(r["dups"] for r in results),

@@ -67,8 +67,14 @@ class Target:
             return [sys.executable, "-m", "benchmarks.reference_server", "--port", str(self.port)]
         assert self.db_dir is not None
         return [
-            sys.executable, str(ROOT / "run.py"), "--port", str(self.port),
-            "--db", str(self.db_dir / "bench.db"), "--job-step-delay", "0",
+            sys.executable,
+            str(ROOT / "run.py"),
+            "--port",
+            str(self.port),
+            "--db",
+            str(self.db_dir / "bench.db"),
+            "--job-step-delay",
+            "0",
             *self.extra_args,
         ]
 
@@ -79,7 +85,10 @@ class Target:
         self.log_path = log_dir / f"{self.name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROGRESS_")}
         self.proc = subprocess.Popen(
-            self.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            self.command(),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
             stderr=open(self.log_path, "ab"),  # noqa: SIM115
         )
         deadline = time.monotonic() + 20
@@ -139,7 +148,8 @@ class Target:
         ids = []
         for _ in range(count):
             async with session.post(
-                f"{self.base}/api/v1/tasks", json={"kind": "bench", "params": {}},
+                f"{self.base}/api/v1/tasks",
+                json={"kind": "bench", "params": {}},
                 headers=self.auth(),
             ) as resp:
                 ids.append((await resp.json())["id"])
@@ -150,7 +160,8 @@ class Target:
     ) -> dict[str, Any]:
         """One progress post; returns the JSON answer (raises on a non-2xx)."""
         async with session.post(
-            self.publish_url(task_id), json={"progress": progress, "message": message},
+            self.publish_url(task_id),
+            json={"progress": progress, "message": message},
             headers=self.auth(),
         ) as resp:
             if resp.status >= 300:
