@@ -14,7 +14,7 @@ from server.logs import AccessLogger, setup_logging
 
 def main(argv: list[str] | None = None) -> int:
     config = from_args(argv)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         app = create_app(config)
         web.run_app(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -11,8 +13,16 @@ from marshmallow import Schema, ValidationError
 
 from . import schemas
 from .auth import Identity, hash_password, verify_password
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
-from .keys import config_key, jobs_key, store_key, tokens_key, tracker_key
+from .errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthorized,
+    ValidationFailed,
+)
+from .keys import config_key, jobs_key, store_key, task_rate_key, tokens_key, tracker_key
 from .models import ACTIVE_STATUSES, Task, TaskStatus, utc_now
 from .store import UsernameTaken
 from .tracker import Progress
@@ -39,7 +49,7 @@ async def _json_object(request: web.Request, *, allow_empty: bool = False) -> di
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
@@ -48,9 +58,21 @@ async def _json_object(request: web.Request, *, allow_empty: bool = False) -> di
 
 def _validate(schema: Schema, data: Any) -> dict[str, Any]:
     try:
-        return schema.load(data)
+        loaded = schema.load(data)
     except ValidationError as exc:
         raise ValidationFailed("invalid request", fields=exc.messages_dict) from None
+    # Python's json reads NaN/Infinity and "\ud800" escapes. Stored, a NaN would be sent back
+    # as text no browser parses, and a lone surrogate fails to encode inside SQLite's
+    # transaction (taking the other requests of its group commit down with it).
+    bad = {}
+    for name, value in loaded.items():
+        try:
+            json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except ValueError:
+            bad[name] = ["Not valid JSON text: no NaN, Infinity or unpaired surrogates."]
+    if bad:
+        raise ValidationFailed("invalid request", fields=bad)
+    return loaded
 
 
 async def _body(
@@ -208,9 +230,28 @@ def _seq_response(events: list[Any]) -> web.Response:
     return web.json_response({"seq": events[-1].seq})
 
 
+def _check_task_rate(request: web.Request, identity: Identity) -> None:
+    """--task-rate: refuse a progress post over the task's rate, before reading its body.
+
+    Keyed by (caller, task): someone who is not the owner only spends their own bucket,
+    never the owner's (their post is a 404 anyway once under the rate).
+    """
+    buckets = request.app[task_rate_key]
+    # Task ids are 32 hex digits: a longer one is a 404 anyway, and must not make its bucket
+    # key kilobytes long (a caller could post to many such ids between two sweeps).
+    key = (identity.user_id, request.match_info["task_id"][:64])
+    wait = buckets.take(key, time.monotonic())
+    if wait > 0.0:
+        raise TooManyRequests(
+            f"more than {buckets.rate:g} progress posts per second for this task; nothing stored",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+
 @routes.post("/api/v1/tasks/{task_id}/progress")
 async def report_progress(request: web.Request) -> web.Response:
     identity = _caller(request)
+    _check_task_rate(request, identity)
     data = await _body(request, schemas.ReportProgress())
     events = await request.app[tracker_key].report_progress(
         request.match_info["task_id"],

@@ -24,12 +24,20 @@ from .keys import (
     history_key,
     hub_key,
     jobs_key,
+    metrics_key,
+    retention_key,
     store_key,
+    task_rate_key,
     tokens_key,
     tracker_key,
     websockets_key,
+    ws_slots_key,
 )
+from .limits import KeyedBuckets, UserSlots
+from .logs import log_path
+from .metrics import Metrics, metrics_handler, response_counter
 from .prices import SyntheticPriceProvider
+from .retention import Retention
 from .store import Store
 from .tracker import Tracker
 
@@ -72,6 +80,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
+        if exc.status in (401, 403):
+            _auth_failed(request, exc)
         return _error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -82,8 +92,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("http.internal_error method=%s path=%s", request.method, request.path)
+        log.exception("http.internal_error method=%s path=%s", request.method, log_path(request))
         return _error_response(500, "internal", "internal server error")
+
+
+def _auth_failed(request: web.Request, exc: ApiError) -> None:
+    """Log and count a refused credential (HTTP 401/403, WebSocket handshakes included).
+
+    Never the token, the password or the username (people type passwords there), only
+    where and why; there is no connection id yet, the peer address stands in for it.
+    """
+    request.app[metrics_key].requests.auth_failures[exc.code] += 1
+    log.info(
+        "auth.failed method=%s path=%s status=%d code=%s peer=%s",
+        request.method,
+        log_path(request),
+        exc.status,
+        exc.code,
+        request.remote,
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -105,10 +132,24 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
         jobs = JobRunner(tracker, SyntheticPriceProvider(), config.job_step_delay)
         tracker.add_listener(hub.publish)
         tracker.add_listener(jobs.on_event)
+        retention = Retention(
+            store,
+            db,
+            event_retention=config.event_retention,
+            task_retention=config.task_retention,
+            max_events_per_task=config.max_events_per_task,
+            interval=config.retention_interval,
+        )
+        tracker.add_listener(retention.on_event)
         app[db_key], app[store_key], app[tracker_key] = db, store, tracker
         app[hub_key], app[history_key], app[jobs_key] = hub, history, jobs
+        app[retention_key] = retention
+        app[metrics_key].bind(
+            store=store, tracker=tracker, hub=hub, jobs=jobs, sockets=app[websockets_key]
+        )
         tracker.start()
         await history.start()
+        retention.start()
         resumed = await jobs.resume_unfinished(await store.tasks_to_resume(jobs.kinds))
         sweeper = asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")
         log.info("server.ready db=%s resumed_jobs=%d", config.db_path, resumed)
@@ -116,6 +157,7 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
             yield
         finally:
             sweeper.cancel()
+            await retention.stop()
             await jobs.stop()
             await tracker.stop()  # commits everything already accepted
             await history.stop()
@@ -155,13 +197,18 @@ def create_app(config: Config) -> web.Application:
     """Build the application; services start in a cleanup context when it starts."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
     app[config_key] = config
+    app[metrics_key] = metrics = Metrics(config.db_path)
+    app.on_response_prepare.append(response_counter(metrics.requests))
     secret = config.jwt_secret or load_or_create_secret(config.secret_path)
     app[tokens_key] = TokenService(secret, config.token_ttl)
     app[websockets_key] = weakref.WeakSet()
+    app[task_rate_key] = KeyedBuckets(config.task_rate, config.task_burst)
+    app[ws_slots_key] = UserSlots(config.max_connections_per_user)
     app.cleanup_ctx.append(_services(config))
     app.on_shutdown.append(_close_websockets)
 
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_handler(metrics, config.metrics_token))
     app.router.add_get("/api/v1/ws", ws.multi_task_socket)
     app.router.add_get("/api/v1/stock/ws/analyze/{task_id}", ws.task_socket)
     api_routes = app.router.add_routes(api.routes)

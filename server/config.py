@@ -7,6 +7,7 @@ command line wins over the variable, the variable over the default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ class Config:
     #: Seconds the built-in analysis job waits between steps (tests use ~0).
     job_step_delay: float = 1.0
     #: HS256 secret; None: generated once and kept in a file beside the database.
-    jwt_secret: str | None = None
+    jwt_secret: str | None = field(default=None, repr=False)
     #: Lifetime of an access token, in seconds.
     token_ttl: int = 3600
     #: Origins allowed besides the server's own (exact "scheme://host[:port]").
@@ -42,14 +43,42 @@ class Config:
     send_queue_messages: int = 1000
     #: Bytes a connection may have queued (own queue + transport buffer) before it is dropped.
     send_queue_bytes: int = 8 * 1024 * 1024
+    #: Client messages per second per connection (token bucket; 0: no limit). Protocol
+    #: pings are not counted. Over it: an error "rate_limited", the message is ignored.
+    ws_rate: float = 100.0
+    #: Messages a connection may send at once after a quiet spell (the bucket's size).
+    ws_burst: int = 500
+    #: Messages refused for the rate within 10 s that get an error; the next closes 1008.
+    ws_flood_limit: int = 100
+    #: Subscriptions per connection (0: no limit).
+    max_subscriptions: int = 100
+    #: Open WebSocket connections per user (0: no limit); one more is refused with 429.
+    max_connections_per_user: int = 50
+    #: Progress posts per second per task (token bucket; 0: no limit); over it: 429.
+    task_rate: float = 100.0
+    #: Progress posts a task may make at once after a quiet spell.
+    task_burst: int = 1000
     #: SQLite synchronous mode: FULL fsyncs every commit (survives power loss), NORMAL
     #: survives a process crash only.
     sqlite_synchronous: str = "FULL"
     #: Most events folded into one transaction (group commit); 1 commits each on its own.
     commit_batch_max: int = 512
+    #: Seconds after a task finished before its history is deleted (all but its last
+    #: event); 0 keeps it forever.
+    event_retention: int = 7 * 24 * 3600
+    #: Seconds after a task finished before the task itself is deleted; 0 keeps it forever.
+    task_retention: int = 30 * 24 * 3600
+    #: Most events kept per task, the newest (running tasks too); 0 keeps them all.
+    max_events_per_task: int = 10_000
+    #: Seconds between two runs of the retention job.
+    retention_interval: float = 60.0
     #: Seconds given to clients and writers at shutdown.
     shutdown_timeout: float = 3.0
     log_level: str = "INFO"
+    #: "kv" (key=value text) or "json" (one JSON object per line).
+    log_format: str = "kv"
+    #: Bearer token /metrics requires; None: /metrics is open (bind it to a private network).
+    metrics_token: str | None = field(default=None, repr=False)
     migrations_dir: Path = field(default=PROJECT_ROOT / "migrations")
     static_dir: Path = field(default=PROJECT_ROOT / "static")
 
@@ -116,6 +145,38 @@ def _flag_specs() -> list[tuple[str, str, type, str]]:
             "bytes queued per connection before it is dropped as slow (4008)",
         ),
         (
+            "--ws-rate",
+            "PROGRESS_WS_RATE",
+            float,
+            "client messages per second per connection (0 = no limit)",
+        ),
+        ("--ws-burst", "PROGRESS_WS_BURST", int, "client messages a connection may send at once"),
+        (
+            "--ws-flood-limit",
+            "PROGRESS_WS_FLOOD_LIMIT",
+            int,
+            "rate-limited messages within 10 s answered with an error; the next closes 1008",
+        ),
+        (
+            "--max-subscriptions",
+            "PROGRESS_MAX_SUBSCRIPTIONS",
+            int,
+            "subscriptions per connection (0 = no limit)",
+        ),
+        (
+            "--max-connections-per-user",
+            "PROGRESS_MAX_CONNECTIONS_PER_USER",
+            int,
+            "open WebSocket connections per user, more get 429 (0 = no limit)",
+        ),
+        (
+            "--task-rate",
+            "PROGRESS_TASK_RATE",
+            float,
+            "progress posts per second per task, more get 429 (0 = no limit)",
+        ),
+        ("--task-burst", "PROGRESS_TASK_BURST", int, "progress posts a task may make at once"),
+        (
             "--sqlite-synchronous",
             "PROGRESS_SQLITE_SYNCHRONOUS",
             str,
@@ -128,12 +189,43 @@ def _flag_specs() -> list[tuple[str, str, type, str]]:
             "most events per transaction (group commit; 1 = one transaction per event)",
         ),
         (
+            "--event-retention",
+            "PROGRESS_EVENT_RETENTION",
+            int,
+            "seconds a finished task keeps its event history (0 = forever)",
+        ),
+        (
+            "--task-retention",
+            "PROGRESS_TASK_RETENTION",
+            int,
+            "seconds a finished task is kept before it is deleted (0 = forever)",
+        ),
+        (
+            "--max-events-per-task",
+            "PROGRESS_MAX_EVENTS_PER_TASK",
+            int,
+            "most events kept per task, the newest (0 = no limit)",
+        ),
+        (
+            "--retention-interval",
+            "PROGRESS_RETENTION_INTERVAL",
+            float,
+            "seconds between runs of the retention job",
+        ),
+        (
             "--shutdown-timeout",
             "PROGRESS_SHUTDOWN_TIMEOUT",
             float,
             "seconds given to clients and writers at shutdown",
         ),
         ("--log-level", "PROGRESS_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+        ("--log-format", "PROGRESS_LOG_FORMAT", str, "kv (key=value lines) or json"),
+        (
+            "--metrics-token",
+            "PROGRESS_METRICS_TOKEN",
+            str,
+            "bearer token required by GET /metrics (default: open)",
+        ),
     ]
 
 
@@ -152,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, _FIELD_FOR_FLAG.get(dest, dest))
         if isinstance(default, tuple):
             default = ",".join(default) or "none"
-        shown = "generated" if default is None else default
+        if default is None:
+            default = "generated" if dest == "jwt_secret" else "none"
+        shown = default
         parser.add_argument(
             flag,
             dest=dest,
@@ -189,6 +283,8 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
     if sync not in ("FULL", "NORMAL", "EXTRA"):
         parser.error("--sqlite-synchronous must be FULL, NORMAL or EXTRA")
     values["sqlite_synchronous"] = sync
+    if "log_format" in values:
+        values["log_format"] = str(values["log_format"]).lower()
     config = Config(**values)  # type: ignore[arg-type]
     if config.heartbeat_interval <= 0 or config.heartbeat_timeout <= 0:
         parser.error("heartbeat interval and timeout must be positive")
@@ -208,8 +304,26 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
     ):
         if getattr(config, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("event_retention", "task_retention", "max_events_per_task"):
+        if getattr(config, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative (0 = keep forever)")
+    if not config.retention_interval > 0:
+        parser.error("--retention-interval must be positive")
     if config.send_queue_bytes <= 0 or config.shutdown_timeout < 0:
         parser.error("--send-queue-bytes must be positive, --shutdown-timeout not negative")
+    for name in ("ws_rate", "task_rate"):
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
+            parser.error(f"--{name.replace('_', '-')} must be a number >= 0 (0 = no limit)")
+    for name in ("ws_burst", "task_burst"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("ws_flood_limit", "max_subscriptions", "max_connections_per_user"):
+        if getattr(config, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         parser.error("--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    if config.log_format not in ("kv", "json"):
+        parser.error("--log-format must be kv or json")
+    if config.metrics_token is not None and len(config.metrics_token) < 16:
+        parser.error("--metrics-token must be at least 16 characters")
     return config

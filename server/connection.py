@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from . import protocol
+from .stats import ConnectionStats
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ class Connection:
         *,
         max_messages: int,
         max_bytes: int,
+        stats: ConnectionStats | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
+        #: Totals shared by every connection of the app, read by /metrics.
+        self.stats = stats if stats is not None else ConnectionStats()
         self.id = uuid.uuid4().hex[:12]
         self.user_id = user_id
         self.last_seen = loop.time()
@@ -87,7 +91,7 @@ class Connection:
             len(self._outbox) >= self._max_messages
             or self._queued_bytes + buffered + len(data) > self._max_bytes
         ):
-            self._drop_slow(buffered)
+            self._drop_slow(buffered, len(data))
             return
         self._outbox.append(data)
         self._queued_bytes += len(data)
@@ -153,6 +157,12 @@ class Connection:
                 self._transport.abort()
 
     @property
+    def backlog_bytes(self) -> int:
+        """Bytes not yet handed to the kernel: the outbox plus the transport's write buffer."""
+        buffered = self._transport.get_write_buffer_size() if self._transport else 0
+        return self._queued_bytes + buffered
+
+    @property
     def writer_done(self) -> bool:
         return self._writer.done()
 
@@ -180,15 +190,17 @@ class Connection:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    def _drop_slow(self, buffered: int) -> None:
+    def _drop_slow(self, buffered: int, incoming: int) -> None:
+        self.stats.slow_consumer_drops += 1
         log.warning(
             "ws.slow_consumer conn=%s user=%s queued_messages=%d queued_bytes=%d"
-            " transport_bytes=%d",
+            " transport_bytes=%d incoming_bytes=%d",
             self.id,
             self.user_id,
             len(self._outbox),
             self._queued_bytes,
             buffered,
+            incoming,
         )
         self._closing = True
         self.close_code = protocol.CLOSE_SLOW_CONSUMER
@@ -225,6 +237,8 @@ class Connection:
                 if isinstance(item, str):
                     self._queued_bytes -= len(item)
                     await self._ws.send_str(item)
+                    self.stats.messages_sent += 1
+                    self.stats.bytes_sent += len(item)
                     if self._room is not None and not self._room.done():
                         self._room.set_result(None)
                 elif isinstance(item, _Ping):
@@ -236,6 +250,7 @@ class Connection:
                     return
         except (ConnectionError, RuntimeError) as exc:
             if not self._closing:
+                self.stats.send_failures += 1
                 log.info(
                     "ws.send_failed conn=%s user=%s error=%s",
                     self.id,

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _SQLITE_HEADER = b"SQLite format 3\x00"
+#: How long a connection waits for another one's lock before "database is locked", in ms.
+BUSY_TIMEOUT_MS = 10_000
 
 
 class DatabaseError(RuntimeError):
@@ -37,6 +39,44 @@ class Database:
     async def close(self) -> None:
         await self.reader.close()
         await self.writer.close()
+
+    async def auto_vacuum_mode(self) -> int:
+        """SQLite's auto_vacuum setting: 0 none, 1 full, 2 incremental."""
+        async with self.reader.execute("PRAGMA auto_vacuum") as cur:
+            row = await cur.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def free_pages(self) -> int:
+        """Pages on SQLite's freelist: space deletes left inside the file."""
+        async with self.reader.execute("PRAGMA freelist_count") as cur:
+            row = await cur.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def incremental_vacuum(self, pages: int) -> None:
+        """Give back up to `pages` free pages to the file system (auto_vacuum=INCREMENTAL only).
+
+        One short write transaction under the write lock; the file shrinks at the next
+        checkpoint. A no-op on a database created without incremental auto-vacuum.
+        """
+        async with self.write_lock:
+            # executescript steps the pragma to the end: execute() frees one page only.
+            await self.writer.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
+
+    async def checkpoint(self, busy_timeout_ms: int = 100) -> tuple[int, int, int]:
+        """Copy the WAL into the database and truncate it to zero bytes.
+
+        Returns SQLite's (busy, wal_pages, checkpointed_pages); busy=1 when a reader kept it
+        from finishing, which is harmless: the next checkpoint catches up. The wait for
+        readers is bounded by `busy_timeout_ms` because producers wait on the write lock.
+        """
+        async with self.write_lock:
+            await self.writer.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            try:
+                async with self.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    row = await cur.fetchone()
+            finally:
+                await self.writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
 
 def _check_file(path: Path) -> None:
@@ -55,7 +95,7 @@ async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
         conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA foreign_keys = ON")
         await conn.execute(f"PRAGMA synchronous = {synchronous}")
-        await conn.execute("PRAGMA busy_timeout = 10000")
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     except BaseException:
         # A corrupt file fails here already; an unclosed aiosqlite thread would hang exit.
         await conn.close()
@@ -71,9 +111,14 @@ async def open_database(path: Path, migrations_dir: Path, synchronous: str = "FU
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     _check_file(path)
+    is_new = not path.exists() or path.stat().st_size == 0
     writer = reader = None
     try:
         writer = await _connect(path, synchronous)
+        if is_new:
+            # Only possible before the first table exists; lets retention give space back
+            # to the file system with PRAGMA incremental_vacuum instead of a full VACUUM.
+            await writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
         async with writer.execute("PRAGMA quick_check") as cur:
             row = await cur.fetchone()
         if row is None or row[0] != "ok":
@@ -86,6 +131,13 @@ async def open_database(path: Path, migrations_dir: Path, synchronous: str = "FU
             await apply_migrations(writer, migrations_dir)
         except DatabaseError as exc:
             raise DatabaseError(f"{path}: {exc}") from exc
+        async with writer.execute("PRAGMA auto_vacuum") as cur:
+            auto_vacuum = (await cur.fetchone())[0]
+        if auto_vacuum != 2:  # 2 = INCREMENTAL; older files: see README, "Retention"
+            log.warning(
+                "db.auto_vacuum_off path=%s hint=freed_space_is_reused_but_the_file_never_shrinks",
+                path,
+            )
         reader = await _connect(path, synchronous)
     except sqlite3.DatabaseError as exc:
         for conn in (reader, writer):

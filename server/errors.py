@@ -8,7 +8,7 @@ ApiError
 ├── Conflict (409, conflict; task_finished, username_taken)
 ├── PayloadTooLarge (413, payload_too_large)
 ├── ValidationFailed (422, validation_error, with per-field messages)
-├── TooManyRequests (429, rate_limited)
+├── TooManyRequests (429, rate_limited / too_many_connections; with Retry-After)
 └── Unavailable (503, unavailable)
 """
 

@@ -75,6 +75,9 @@ class Hub:
         #: Events fanned out and messages pushed, for metrics and benchmarks.
         self.events_published = 0
         self.messages_pushed = 0
+        #: Peers dropped for not answering a ping, and the ids of those still registered.
+        self.heartbeat_drops = 0
+        self._dropped: set[str] = set()
 
     # -- registry ------------------------------------------------------------------------
 
@@ -87,6 +90,7 @@ class Hub:
         """Forget the peer and release its subscriptions; returns the task ids it watched."""
         if self._peers.pop(peer.id, None) is None:
             return []
+        self._dropped.discard(peer.id)
         ids = self._by_user.get(peer.user_id)
         if ids is not None:
             ids.discard(peer.id)
@@ -100,6 +104,11 @@ class Hub:
     @property
     def connection_count(self) -> int:
         return len(self._peers)
+
+    @property
+    def user_count(self) -> int:
+        """Users with at least one connection."""
+        return len(self._by_user)
 
     @property
     def subscription_count(self) -> int:
@@ -194,9 +203,13 @@ class Hub:
         `timeout` s. Returns how many were dropped."""
         dropped = 0
         for peer in list(self._peers.values()):
+            if peer.id in self._dropped:
+                continue  # aborted already; its handler has not called disconnect yet
             if peer.ping_sent_at is not None:
                 if now - peer.ping_sent_at >= timeout:
                     peer.abort("heartbeat timeout")
+                    self._dropped.add(peer.id)
+                    self.heartbeat_drops += 1
                     dropped += 1
             elif now - peer.last_seen >= interval:
                 peer.ping_sent_at = now

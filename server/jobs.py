@@ -118,6 +118,11 @@ class JobRunner:
         self._step_delay = step_delay
         self._running: dict[str, asyncio.Task[None]] = {}
 
+    @property
+    def running_count(self) -> int:
+        """Built-in jobs running now."""
+        return len(self._running)
+
     def is_builtin(self, kind: str) -> bool:
         return kind in self.kinds
 

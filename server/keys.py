@@ -13,6 +13,9 @@ from .db import Database
 from .history import SubscriptionHistory
 from .hub import Hub
 from .jobs import JobRunner
+from .limits import KeyedBuckets, UserSlots
+from .metrics import Metrics
+from .retention import Retention
 from .store import Store
 from .tracker import Tracker
 
@@ -24,4 +27,11 @@ hub_key = web.AppKey("hub", Hub)
 tokens_key = web.AppKey("tokens", TokenService)
 history_key = web.AppKey("history", SubscriptionHistory)
 jobs_key = web.AppKey("jobs", JobRunner)
+retention_key = web.AppKey("retention", Retention)
+#: The app's Prometheus registry and the plain counters behind it.
+metrics_key = web.AppKey("metrics", Metrics)
 websockets_key = web.AppKey("websockets", weakref.WeakSet[Connection])
+#: Progress posts per (user, task): the --task-rate limit.
+task_rate_key = web.AppKey("task_rate", KeyedBuckets)
+#: Open WebSocket connections per user: the --max-connections-per-user limit.
+ws_slots_key = web.AppKey("ws_slots", UserSlots)

@@ -50,10 +50,12 @@ class ProtocolError(Exception):
 class ClientMessage:
     action: str
     data: dict[str, Any]
+    #: The message's "id" if it is a string or a number, else None; echoed in the reply.
+    msg_id: Any = None
 
-    @property
-    def msg_id(self) -> Any:
-        return self.data.get("id")
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_client_message(text: str) -> ClientMessage:
@@ -64,14 +66,18 @@ def parse_client_message(text: str) -> ClientMessage:
             or a missing or wrongly typed field.
     """
     try:
-        raw = json.loads(text)
-    except ValueError:
+        # Standard JSON only: NaN/Infinity would be echoed back (in "id") as text that no
+        # browser parses, and "\ud800" escapes decode to lone surrogates that SQLite's UTF-8
+        # refuses. RecursionError: nesting deeper than the parser's stack.
+        raw = json.loads(text, parse_constant=_refuse_constant)
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):
         raise ProtocolError("bad_request", "message is not valid JSON") from None
     if not isinstance(raw, dict):
         raise ProtocolError("bad_request", "message must be a JSON object")
     msg_id = raw.get("id")
     if not isinstance(msg_id, str | int | float | type(None)) or isinstance(msg_id, bool):
-        msg_id = None
+        msg_id = None  # only scalars are echoed: a client matches replies by equality
     try:
         action = _ENVELOPE.load(raw)["action"]
     except ValidationError as exc:
@@ -87,7 +93,27 @@ def parse_client_message(text: str) -> ClientMessage:
         raise ProtocolError(
             "bad_request", "invalid message", msg_id=msg_id, fields=exc.messages_dict
         ) from None
-    return ClientMessage(action=action, data=data)
+    return ClientMessage(action=action, data=data, msg_id=msg_id)
+
+
+def peek_id(text: str) -> Any:
+    """The "id" of a text frame that will not be acted on (e.g. rate-limited), or None.
+
+    Best effort, for the error reply only: the same rules as `parse_client_message`.
+    """
+    try:
+        raw = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return None
+    msg_id = raw.get("id") if isinstance(raw, dict) else None
+    if not isinstance(msg_id, str | int | float) or isinstance(msg_id, bool):
+        return None
+    if isinstance(msg_id, str):
+        try:
+            msg_id.encode("utf-8")  # a lone surrogate would not survive the echo
+        except UnicodeEncodeError:
+            return None
+    return msg_id
 
 
 def _dump(message: dict[str, Any]) -> str:

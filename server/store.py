@@ -49,6 +49,29 @@ class SubscriptionRecord:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class EventSpan:
+    """Which of a task's events are still stored: always the gapless run first_kept..seq.
+
+    Retention only ever deletes a prefix of a task's history, so a count is a subtraction.
+    """
+
+    task_id: str
+    #: None while the task is not finished.
+    finished_at: str | None
+    #: The seq of the task's latest event.
+    seq: int
+    #: The lowest seq still stored; None when no event is (left).
+    first_kept: int | None
+    #: Rows in `subscriptions` for the task (only counted when asked for, else 0).
+    subscriptions: int = 0
+
+    @property
+    def kept(self) -> int:
+        """Events stored for the task."""
+        return 0 if self.first_kept is None else self.seq - self.first_kept + 1
+
+
 def _json_or_none(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
@@ -205,6 +228,13 @@ class Store:
             row = await cur.fetchone()
         return None if row is None else row[0]
 
+    async def count_tasks_by_status(self) -> dict[str, int]:
+        """Number of tasks per status (metrics); reads the `tasks_by_status` index only."""
+        async with self._db.reader.execute(
+            "SELECT status, COUNT(*) FROM tasks GROUP BY status"
+        ) as cur:
+            return {row[0]: row[1] for row in await cur.fetchall()}
+
     async def tasks_to_resume(self, kinds: Iterable[str]) -> list[Task]:
         """Unfinished tasks of the given kinds, oldest first (built-in jobs after a restart)."""
         wanted = list(kinds)
@@ -332,6 +362,142 @@ class Store:
                 )
                 for r in await cur.fetchall()
             ]
+
+    # -- retention: bounded reads to plan, bounded transactions to delete ----------------
+
+    async def finished_task_spans(
+        self,
+        finished_before: str,
+        after: tuple[str, str] | None,
+        limit: int,
+        *,
+        count_subscriptions: bool = False,
+    ) -> list[EventSpan]:
+        """Finished tasks with finished_at < `finished_before`, by (finished_at, id).
+
+        `after` is the (finished_at, id) of the last row of the previous page (keyset paging);
+        None starts at the oldest.
+        """
+        subs = (
+            "(SELECT COUNT(*) FROM subscriptions s WHERE s.task_id = t.id)"
+            if count_subscriptions
+            else "0"
+        )
+        since, since_id = after or ("", "")
+        # `+t.status` keeps the planner on tasks_finished (in finished_at order), not the
+        # status index; finished_at is set exactly when the status becomes terminal.
+        async with self._db.reader.execute(
+            "SELECT t.id, t.finished_at, t.seq,"
+            " (SELECT MIN(e.seq) FROM task_events e WHERE e.task_id = t.id) AS first_kept,"
+            f" {subs} AS subscriptions"
+            " FROM tasks t WHERE t.finished_at < ? AND (t.finished_at, t.id) > (?, ?)"
+            " AND +t.status IN ('completed', 'failed', 'cancelled')"
+            " ORDER BY t.finished_at, t.id LIMIT ?",
+            (finished_before, since, since_id, limit),
+        ) as cur:
+            return [_span_from_row(row) for row in await cur.fetchall()]
+
+    async def task_spans(self, task_ids: Sequence[str]) -> list[EventSpan]:
+        """The event spans of the given tasks (those that still exist)."""
+        if not task_ids:
+            return []
+        async with self._db.reader.execute(
+            "SELECT t.id, t.finished_at, t.seq,"
+            " (SELECT MIN(e.seq) FROM task_events e WHERE e.task_id = t.id) AS first_kept,"
+            " 0 AS subscriptions"
+            f" FROM tasks t WHERE t.id IN ({','.join('?' * len(task_ids))})",
+            list(task_ids),
+        ) as cur:
+            return [_span_from_row(row) for row in await cur.fetchall()]
+
+    async def tasks_with_seq_over(
+        self, seq: int, after_rowid: int, limit: int
+    ) -> tuple[int | None, list[str]]:
+        """One page of a scan of all tasks: ids of those whose latest seq is above `seq`.
+
+        Looks at up to `limit` tasks after `after_rowid` (so other reads get their turn
+        between pages); returns the last rowid looked at (None: the scan is over) and the ids.
+        """
+        async with self._db.reader.execute(
+            "SELECT rowid, id, seq FROM tasks WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after_rowid, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        if not rows:
+            return None, []
+        return rows[-1][0], [row["id"] for row in rows if row["seq"] > seq]
+
+    async def delete_event_ranges(self, ranges: Sequence[tuple[str, int, int]]) -> int:
+        """Delete events (task_id, first_seq, last_seq inclusive) in one transaction.
+
+        The caller keeps each task's latest event out of its ranges (unless the task itself
+        is about to be deleted). Returns the number of events deleted.
+        """
+        if not ranges:
+            return 0
+        async with self._db.write_lock:
+            conn = self._db.writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await conn.executemany(
+                    "DELETE FROM task_events WHERE task_id = ? AND seq BETWEEN ? AND ?", ranges
+                )
+                deleted = cur.rowcount
+                await conn.execute("COMMIT")
+            except BaseException:
+                await _rollback(conn)
+                raise
+        return deleted
+
+    async def delete_subscriptions_of(self, task_id: str, limit: int) -> int:
+        """Delete up to `limit` subscription rows of one task; returns how many."""
+        async with self._db.write_lock:
+            cur = await self._db.writer.execute(
+                "DELETE FROM subscriptions WHERE id IN"
+                " (SELECT id FROM subscriptions WHERE task_id = ? LIMIT ?)",
+                (task_id, limit),
+            )
+            return cur.rowcount
+
+    async def delete_finished_tasks(self, task_ids: Sequence[str]) -> tuple[int, int, int]:
+        """Delete finished tasks with their events and subscription rows, in one transaction.
+
+        A task that is not finished is left alone. Returns (tasks, events, subscriptions)
+        deleted; the caller keeps the total small.
+        """
+        if not task_ids:
+            return 0, 0, 0
+        async with self._db.write_lock:
+            conn = self._db.writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                async with conn.execute(
+                    "SELECT id FROM tasks WHERE finished_at IS NOT NULL"
+                    f" AND id IN ({','.join('?' * len(task_ids))})",
+                    list(task_ids),
+                ) as cur:
+                    ids = [(row[0],) for row in await cur.fetchall()]
+                counts = []
+                for table in ("task_events", "subscriptions"):
+                    cur = await conn.executemany(f"DELETE FROM {table} WHERE task_id = ?", ids)
+                    counts.append(cur.rowcount)
+                cur = await conn.executemany("DELETE FROM tasks WHERE id = ?", ids)
+                tasks = cur.rowcount
+                await conn.execute("COMMIT")
+            except BaseException:
+                await _rollback(conn)
+                raise
+        return tasks, counts[0], counts[1]
+
+
+def _span_from_row(row: sqlite3.Row) -> EventSpan:
+    return EventSpan(
+        task_id=row["id"],
+        finished_at=row["finished_at"],
+        seq=row["seq"],
+        first_kept=row["first_kept"],
+        subscriptions=row["subscriptions"],
+    )
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:

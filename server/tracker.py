@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 
 from .errors import NotFound, TaskFinished, Unavailable
 from .models import Event, EventType, Task, TaskStatus, utc_now
+from .stats import Histogram
 from .store import Store, TaskWrite
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,10 @@ Listener = Callable[[Event], None]
 MAX_BATCH = 512
 #: Unfinished tasks whose state is kept in memory, so the write path rarely reads.
 CACHE_SIZE = 10_000
+#: Upper bounds of the commit-latency histogram, in seconds per transaction.
+COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+#: Upper bounds of the batch-size histogram, in requests per transaction.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, MAX_BATCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +194,17 @@ class Tracker:
         #: Transactions committed and events written, for benchmarks and metrics.
         self.commits = 0
         self.events_committed = 0
+        #: Transactions that failed and were rolled back (their callers got 503).
+        self.commit_failures = 0
+        #: Seconds per committed transaction, write-lock wait and fsync included.
+        self.commit_seconds = Histogram(COMMIT_SECONDS_BUCKETS)
+        #: Requests folded into each committed transaction (group commit at work).
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the commit loop (a growing number: the disk is behind)."""
+        return self._queue.qsize()
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(event)` after each committed event, in seq order per task."""
@@ -307,13 +324,17 @@ class Tracker:
             TaskWrite(task=task, events=events_by_task[tid], is_new=tid in new_ids)
             for tid, task in staged.items()
         ]
+        started = time.perf_counter()
         try:
             await self._store.commit(writes)
         except Exception as exc:
+            self.commit_failures += 1
             log.error("tracker.commit_failed tasks=%d error=%r", len(writes), exc)
             for req, _ in accepted:
                 req.future.set_exception(Unavailable("could not store the event"))
             return
+        self.commit_seconds.observe(time.perf_counter() - started)
+        self.batch_sizes.observe(len(accepted))
         self.commits += 1
         for tid, task in staged.items():
             if task.status.is_terminal:

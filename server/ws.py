@@ -20,9 +20,19 @@ from marshmallow import ValidationError
 from . import protocol
 from .auth import Identity, bearer_token
 from .connection import Connection
-from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
+from .errors import ApiError, BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized
 from .hub import Hub
-from .keys import config_key, history_key, hub_key, store_key, tokens_key, websockets_key
+from .keys import (
+    config_key,
+    history_key,
+    hub_key,
+    metrics_key,
+    store_key,
+    tokens_key,
+    websockets_key,
+    ws_slots_key,
+)
+from .limits import FLOOD_WINDOW, MessageLimiter, Verdict
 from .models import Task
 from .schemas import WsQuery
 from .store import Store
@@ -31,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Events read from SQLite per query during a replay.
 REPLAY_PAGE = 500
+#: Retry-After (seconds) of a handshake refused for --max-connections-per-user.
+RETRY_CONNECT_AFTER = 5
 
 
 def origin_allowed(origin: str, host: str | None, scheme: str, allowed: tuple[str, ...]) -> bool:
@@ -85,30 +97,45 @@ async def task_socket(request: web.Request) -> web.StreamResponse:
 async def _serve(
     request: web.Request, task_id: str | None, last_seq: int | None
 ) -> web.StreamResponse:
+    # A refused origin or token is logged (auth.failed) and counted by the error middleware.
     check_origin(request)
-    try:
-        identity = authenticate(request, allow_query=True)
-    except Unauthorized:
-        log.info("ws.auth_failed path=%s peer=%s", request.path, request.remote)
-        raise
+    identity = authenticate(request, allow_query=True)
     store = request.app[store_key]
     if task_id is not None:
         task = await store.get_task(task_id)
         if task is None or task.user_id != identity.user_id:
             raise NotFound("task not found")
     config = request.app[config_key]
-    ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes, autoping=False)
-    transport = request.transport
-    await ws.prepare(request)
-    conn = Connection(
-        ws,
-        transport if isinstance(transport, asyncio.Transport) else None,
-        identity.user_id,
-        max_messages=config.send_queue_messages,
-        max_bytes=config.send_queue_bytes,
-    )
-    session = Session(request.app, conn, ws, default_task=task_id)
-    return await session.run(identity, last_seq)
+    # The slot is taken here, with no await since the check, and held until the socket is
+    # gone: concurrent handshakes of one user cannot all slip under the limit.
+    slots = request.app[ws_slots_key]
+    if not slots.acquire(identity.user_id):
+        log.info(
+            "ws.refused user=%s reason=too_many_connections limit=%d",
+            identity.user_id,
+            slots.limit,
+        )
+        raise TooManyRequests(
+            f"at most {slots.limit} open WebSocket connections per user; close one first",
+            code="too_many_connections",
+            headers={"Retry-After": str(RETRY_CONNECT_AFTER)},
+        )
+    try:
+        ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes, autoping=False)
+        transport = request.transport
+        await ws.prepare(request)
+        conn = Connection(
+            ws,
+            transport if isinstance(transport, asyncio.Transport) else None,
+            identity.user_id,
+            max_messages=config.send_queue_messages,
+            max_bytes=config.send_queue_bytes,
+            stats=request.app[metrics_key].connections,
+        )
+        session = Session(request.app, conn, ws, default_task=task_id)
+        return await session.run(identity, last_seq)
+    finally:
+        slots.release(identity.user_id)
 
 
 class Session:
@@ -128,12 +155,25 @@ class Session:
         self._store: Store = app[store_key]
         self._history = app[history_key]
         self._default_task = default_task
+        config = app[config_key]
+        #: --ws-rate: this connection's message bucket (None: no limit).
+        self._limiter = (
+            MessageLimiter(config.ws_rate, config.ws_burst, config.ws_flood_limit, conn.last_seen)
+            if config.ws_rate > 0
+            else None
+        )
+        #: True once closed for flooding: later messages are not acted on.
+        self._flooded = False
+        #: --max-subscriptions (0: no limit).
+        self._max_subscriptions = config.max_subscriptions
 
     async def run(self, identity: Identity, last_seq: int | None) -> web.WebSocketResponse:
         conn, ws, hub = self._conn, self._ws, self._hub
         loop = asyncio.get_running_loop()
         hub.connect(conn)
         self._app[websockets_key].add(conn)
+        conn.stats.opened += 1
+        opened_at = loop.time()
         log.info("ws.connect conn=%s user=%s", conn.id, conn.user_id)
         # A token that expires while the socket is open ends it with 4401.
         expiry = loop.call_later(
@@ -148,17 +188,20 @@ class Session:
                 await self._subscribe(self._default_task, last_seq, None)
             while True:
                 msg = await ws.receive()
-                conn.mark_seen(loop.time())
+                now = loop.time()
+                conn.mark_seen(now)
                 if msg.type is WSMsgType.TEXT:
-                    await self._handle_text(msg.data)
-                elif msg.type is WSMsgType.PING:
+                    if self._admit(now, msg.data):
+                        await self._handle_text(msg.data)
+                elif msg.type is WSMsgType.PING:  # control frames are not rate-limited
                     await ws.pong(msg.data)
                 elif msg.type is WSMsgType.PONG:
                     pass
                 elif msg.type is WSMsgType.BINARY:
-                    conn.push(
-                        protocol.error_message("bad_request", "binary frames are not supported")
-                    )
+                    if self._admit(now, None):
+                        conn.push(
+                            protocol.error_message("bad_request", "binary frames are not supported")
+                        )
                 elif msg.type is WSMsgType.ERROR:
                     if conn.close_code is None and ws.close_code is not None:
                         conn.close_code = ws.close_code
@@ -175,14 +218,54 @@ class Session:
             try:
                 await conn.finish()
             finally:  # logged even when aiohttp cancels the handler of a vanished peer
+                code = conn.close_code or ws.close_code
+                conn.stats.closed_by_code[code] += 1
                 log.info(
-                    "ws.disconnect conn=%s user=%s code=%s reason=%s",
+                    "ws.disconnect conn=%s user=%s code=%s reason=%s subscriptions=%d"
+                    " duration_s=%.1f",
                     conn.id,
                     conn.user_id,
-                    conn.close_code or ws.close_code,
+                    code,
                     (conn.close_reason or "client").replace(" ", "_"),
+                    len(watched),
+                    loop.time() - opened_at,
                 )
         return ws
+
+    def _admit(self, now: float, text: str | None) -> bool:
+        """--ws-rate: True if the message may be acted on; else it was answered or closed.
+
+        The cheap path (a token is there) parses nothing. A refused message gets an error
+        carrying its "id" if it has one; a flood (--ws-flood-limit refusals within
+        limits.FLOOD_WINDOW) closes the connection with 1008, after that error.
+        """
+        if self._flooded:
+            return False  # closing: nothing more is acted on, nor answered
+        limiter = self._limiter
+        if limiter is None:
+            return True
+        verdict = limiter.check(now)
+        if verdict is Verdict.ADMIT:
+            return True
+        conn = self._conn
+        error = protocol.error_message(
+            "rate_limited",
+            f"more than {limiter.rate:g} messages per second; message ignored",
+            protocol.peek_id(text) if text is not None else None,
+        )
+        if verdict is Verdict.REFUSE:
+            conn.push(error)
+            return False
+        self._flooded = True
+        log.warning(
+            "ws.flood conn=%s user=%s refused=%d window_s=%g",
+            conn.id,
+            conn.user_id,
+            limiter.refused,
+            FLOOD_WINDOW,
+        )
+        conn.close(protocol.CLOSE_POLICY, "policy violation: message rate exceeded", error)
+        return False
 
     async def _handle_text(self, text: str) -> None:
         conn = self._conn
@@ -233,6 +316,14 @@ class Session:
         """
         conn, hub = self._conn, self._hub
         was_subscribed = hub.is_subscribed(conn, task_id)
+        limit = self._max_subscriptions
+        if not was_subscribed and limit and hub.subscriptions_of(conn) >= limit:
+            # Checked before anything is subscribed; a re-subscribe is not a new one.
+            raise protocol.ProtocolError(
+                "too_many_subscriptions",
+                f"at most {limit} subscriptions per connection; unsubscribe first",
+                msg_id=msg_id,
+            )
         sub = hub.subscribe(conn, task_id)
         try:
             task = await self._owned_task(task_id, msg_id)
@@ -262,6 +353,12 @@ class Session:
         delivered = last_seq
         while True:
             events = await self._store.list_events(task.id, delivered, REPLAY_PAGE)
+            if events and events[0].seq != delivered + 1:
+                # Retention trimmed the history while it was being sent: rather than a gap,
+                # the current state (live events after it are held by the subscription).
+                latest = await self._store.get_task(task.id) or task
+                conn.push(protocol.snapshot_message(latest, msg_id, recovered=False))
+                return max(latest.seq, delivered)
             for event in events:
                 # Pace by the outbox, not by the page: a page may be longer than the send
                 # queue, and a client that reads is not a slow consumer.

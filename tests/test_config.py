@@ -138,3 +138,37 @@ def test_bad_values_are_usage_errors(
     err = capsys.readouterr().err
     assert err.startswith("usage: run.py")
     assert "error:" in err
+
+
+def test_retention_flags_and_variables() -> None:
+    """The retention settings come from flags or PROGRESS_* variables; 0 keeps forever."""
+    defaults = Config()
+    assert (defaults.event_retention, defaults.task_retention) == (7 * 86400, 30 * 86400)
+    assert (defaults.max_events_per_task, defaults.retention_interval) == (10_000, 60.0)
+    config = from_args(
+        ["--event-retention", "0", "--task-retention", "86400", "--retention-interval", "0.5"],
+        env={"PROGRESS_MAX_EVENTS_PER_TASK": "50", "PROGRESS_TASK_RETENTION": "1"},
+    )
+    assert (config.event_retention, config.task_retention) == (0, 86400)
+    assert (config.max_events_per_task, config.retention_interval) == (50, 0.5)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--event-retention", "-1"],
+        ["--task-retention", "-5"],
+        ["--max-events-per-task", "-1"],
+        ["--retention-interval", "0"],
+        ["--retention-interval", "nan"],
+        ["--event-retention", "1.5"],
+    ],
+)
+def test_bad_retention_values_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Negative ages or caps and a non-positive interval are refused at start."""
+    with pytest.raises(SystemExit) as exc_info:
+        from_args(argv, env={})
+    assert exc_info.value.code == 2
+    assert "error:" in capsys.readouterr().err

@@ -13,6 +13,9 @@ from server.config import PROJECT_ROOT
 from server.db import DatabaseError, apply_migrations, open_database
 
 MIGRATIONS = PROJECT_ROOT / "migrations"
+#: (version, name) of every shipped migration, in order.
+SHIPPED = [(int(f.name[:4]), f.stem[5:]) for f in sorted(MIGRATIONS.glob("*.sql"))]
+SHIPPED_VERSIONS = [v for v, _ in SHIPPED]
 
 
 def _sqlite_threads() -> set[threading.Thread]:
@@ -47,7 +50,8 @@ async def test_creates_folder_and_applies_migrations_once(tmp_path: Path) -> Non
         await db.close()
     assert {"users", "tasks", "task_events", "subscriptions", "schema_migrations"} <= tables
     first = _versions(path)
-    assert [(v, n) for v, n, _ in first] == [(1, "initial")]
+    assert [(v, n) for v, n, _ in first] == SHIPPED
+    assert SHIPPED[0] == (1, "initial")
 
     db = await open_database(path, MIGRATIONS)
     try:
@@ -64,7 +68,7 @@ async def test_new_migration_is_applied_on_next_open(tmp_path: Path) -> None:
     path = tmp_path / "app.db"
     db = await open_database(path, migrations)
     await db.close()
-    (migrations / "0002_notes.sql").write_text("CREATE TABLE notes (id INTEGER PRIMARY KEY);\n")
+    (migrations / "0900_notes.sql").write_text("CREATE TABLE notes (id INTEGER PRIMARY KEY);\n")
     db = await open_database(path, migrations)
     try:
         assert await apply_migrations(db.writer, migrations) == []
@@ -72,7 +76,7 @@ async def test_new_migration_is_applied_on_next_open(tmp_path: Path) -> None:
             assert (await cur.fetchone())[0] == 0
     finally:
         await db.close()
-    assert [v for v, _, _ in _versions(path)] == [1, 2]
+    assert [v for v, _, _ in _versions(path)] == [*SHIPPED_VERSIONS, 900]
 
 
 async def test_wal_mode_and_pragmas(tmp_path: Path) -> None:
@@ -96,7 +100,7 @@ async def test_empty_file_is_treated_as_new(tmp_path: Path) -> None:
     path.touch()
     db = await open_database(path, MIGRATIONS)
     await db.close()
-    assert [v for v, _, _ in _versions(path)] == [1]
+    assert [v for v, _, _ in _versions(path)] == SHIPPED_VERSIONS
 
 
 async def test_refuses_junk_file_without_touching_it(tmp_path: Path) -> None:
@@ -147,13 +151,13 @@ async def test_failed_migration_is_rolled_back(tmp_path: Path) -> None:
     """A migration that fails halfway leaves neither its tables nor its record behind."""
     migrations = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS, migrations)
-    (migrations / "0002_broken.sql").write_text(
+    (migrations / "0900_broken.sql").write_text(
         "CREATE TABLE half (id INTEGER);\nINSERT INTO no_such_table VALUES (1);\n"
     )
     path = tmp_path / "app.db"
     with pytest.raises(DatabaseError):
         await open_database(path, migrations)
-    assert [v for v, _, _ in _versions(path)] == [1]
+    assert [v for v, _, _ in _versions(path)] == SHIPPED_VERSIONS
     with sqlite3.connect(path) as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
@@ -167,3 +171,33 @@ async def test_refuses_badly_named_migration(tmp_path: Path) -> None:
     (migrations / "2_oops.sql").write_text("SELECT 1;\n")
     with pytest.raises(DatabaseError, match="2_oops.sql"):
         await open_database(tmp_path / "app.db", migrations)
+
+
+async def test_new_database_uses_incremental_auto_vacuum(tmp_path: Path) -> None:
+    """A new file is created with auto_vacuum=INCREMENTAL, so retention can shrink it."""
+    path = tmp_path / "app.db"
+    db = await open_database(path, MIGRATIONS)
+    try:
+        assert await db.auto_vacuum_mode() == 2
+        async with db.reader.execute("PRAGMA freelist_count") as cur:
+            assert (await cur.fetchone())[0] == await db.free_pages() == 0
+    finally:
+        await db.close()
+
+
+async def test_older_database_without_auto_vacuum_opens_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file created without incremental auto-vacuum still works; the log says so once."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE leftover (x)")
+    conn.close()
+    db = await open_database(path, MIGRATIONS)
+    try:
+        assert await db.auto_vacuum_mode() == 0
+        await db.incremental_vacuum(10)  # harmless no-op
+        assert (await db.checkpoint())[0] == 0
+    finally:
+        await db.close()
+    assert [r.getMessage().split()[0] for r in caplog.records].count("db.auto_vacuum_off") == 1

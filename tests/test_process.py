@@ -414,12 +414,14 @@ async def test_fresh_start_creates_folder_file_and_schema(
     await server.start()
     assert db_path.is_file()
     first = _migrations(db_path)
-    assert [v for v, _ in first] == [1]
+    shipped = sorted(int(f.name[:4]) for f in (RUN_PY.parent / "migrations").glob("*.sql"))
+    assert [v for v, _ in first] == shipped
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
     assert {"users", "tasks", "task_events", "subscriptions"} <= tables
-    assert server.output().count("migration.applied") == 1
+    assert server.output().count("migration.applied") == len(shipped)
     assert await server.stop() == 0
 
     await server.start()

@@ -27,6 +27,11 @@ from server.models import Event, EventType, TaskStatus
         '{"action": "subscribe", "task_id": "t", "last_seq": -1}',
         '{"action": "subscribe", "task_id": "t", "last_seq": 1.5}',
         '{"action": "unsubscribe"}',
+        # Not standard JSON, or not encodable as UTF-8: found by tests/test_properties.py.
+        '{"action": "ping", "id": NaN}',
+        '{"action": "get_status", "task_id": "t", "id": -Infinity}',
+        '{"action": "get_status", "task_id": "\\ud800"}',
+        "[" * 100_000,
     ],
 )
 def test_bad_messages_are_bad_request(text):
@@ -41,6 +46,14 @@ def test_id_is_kept_for_the_error_reply():
     with pytest.raises(protocol.ProtocolError) as info:
         protocol.parse_client_message('{"action": "subscribe", "id": "a1"}')
     assert info.value.msg_id == "a1"
+
+
+@pytest.mark.parametrize("msg_id", [[], {"a": 1}, True, None])
+def test_only_scalar_ids_are_echoed(msg_id):
+    """An id that is not a string or a number is not echoed (a client matches by equality)."""
+    message = protocol.parse_client_message(json.dumps({"action": "ping", "id": msg_id}))
+    assert message.msg_id is None
+    assert json.loads(protocol.pong_message(message.msg_id)) == {"type": "pong"}
 
 
 def test_unknown_fields_are_ignored():
