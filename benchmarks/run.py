@@ -23,7 +23,7 @@ from .targets import ROOT, Target, free_port
 
 #: Flags for the real server: limits raised so one benchmark user may open thousands of
 #: sockets and post as fast as it can; everything else is the default configuration.
-SERVER_ARGS: list[str] = []
+SERVER_ARGS: list[str] = ["--max-connections-per-user", "0"]
 NAIVE_ARGS = ["--commit-batch-max", "1"]
 
 #: (scenario, figure, compared with, how): the targets of the performance issue.
