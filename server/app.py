@@ -11,6 +11,7 @@ import aiohttp_cors
 from aiohttp import web
 
 from . import api, protocol, ws
+from .admission import Admission, LoopLag
 from .auth import TokenService, load_or_create_secret
 from .config import Config
 from .db import open_database
@@ -19,6 +20,7 @@ from .history import SubscriptionHistory
 from .hub import Hub
 from .jobs import JobRunner
 from .keys import (
+    admission_key,
     config_key,
     db_key,
     history_key,
@@ -148,6 +150,8 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
             store=store, tracker=tracker, hub=hub, jobs=jobs, sockets=app[websockets_key]
         )
         tracker.start()
+        lag = app[admission_key].lag
+        lag.start()
         await history.start()
         retention.start()
         resumed = await jobs.resume_unfinished(await store.tasks_to_resume(jobs.kinds))
@@ -157,6 +161,7 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
             yield
         finally:
             sweeper.cancel()
+            await lag.stop()
             await retention.stop()
             await jobs.stop()
             await tracker.stop()  # commits everything already accepted
@@ -204,6 +209,7 @@ def create_app(config: Config) -> web.Application:
     app[websockets_key] = weakref.WeakSet()
     app[task_rate_key] = KeyedBuckets(config.task_rate, config.task_burst)
     app[ws_slots_key] = UserSlots(config.max_connections_per_user)
+    app[admission_key] = Admission(LoopLag(), config.shed_lag, config.max_connections)
     app.cleanup_ctx.append(_services(config))
     app.on_shutdown.append(_close_websockets)
 

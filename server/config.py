@@ -54,6 +54,11 @@ class Config:
     max_subscriptions: int = 100
     #: Open WebSocket connections per user (0: no limit); one more is refused with 429.
     max_connections_per_user: int = 50
+    #: Most open WebSocket connections in all (0: no limit); more get 503 + Retry-After.
+    max_connections: int = 20000
+    #: New WebSocket connections get 503 + Retry-After while the event loop lags this
+    #: many seconds (smoothed; 0: never shed for lag).
+    shed_lag: float = 0.25
     #: Progress posts per second per task (token bucket; 0: no limit); over it: 429.
     task_rate: float = 100.0
     #: Progress posts a task may make at once after a quiet spell.
@@ -168,6 +173,18 @@ def _flag_specs() -> list[tuple[str, str, type, str]]:
             "PROGRESS_MAX_CONNECTIONS_PER_USER",
             int,
             "open WebSocket connections per user, more get 429 (0 = no limit)",
+        ),
+        (
+            "--max-connections",
+            "PROGRESS_MAX_CONNECTIONS",
+            int,
+            "open WebSocket connections in all, more get 503 (0 = no limit)",
+        ),
+        (
+            "--shed-lag",
+            "PROGRESS_SHED_LAG",
+            float,
+            "event-loop lag in seconds at which new WebSockets get 503 (0 = never)",
         ),
         (
             "--task-rate",
@@ -317,7 +334,14 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
     for name in ("ws_burst", "task_burst"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("ws_flood_limit", "max_subscriptions", "max_connections_per_user"):
+    if not (math.isfinite(config.shed_lag) and config.shed_lag >= 0):
+        parser.error("--shed-lag must be a number >= 0 (0 = never)")
+    for name in (
+        "ws_flood_limit",
+        "max_subscriptions",
+        "max_connections_per_user",
+        "max_connections",
+    ):
         if getattr(config, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -6,6 +6,7 @@ import weakref
 
 from aiohttp import web
 
+from .admission import Admission
 from .auth import TokenService
 from .config import Config
 from .connection import Connection
@@ -35,3 +36,4 @@ websockets_key = web.AppKey("websockets", weakref.WeakSet[Connection])
 task_rate_key = web.AppKey("task_rate", KeyedBuckets)
 #: Open WebSocket connections per user: the --max-connections-per-user limit.
 ws_slots_key = web.AppKey("ws_slots", UserSlots)
+admission_key = web.AppKey("admission", Admission)

@@ -258,6 +258,11 @@ class ProgressCollector:
             "Connections dropped because their send queue overflowed (close 4008).",
             value=stats.slow_consumer_drops,
         )
+        yield CounterMetricFamily(
+            "progress_ws_handshakes_shed",
+            "WebSocket handshakes refused with 503 (event loop lagging or server full).",
+            value=stats.handshakes_shed,
+        )
 
     @staticmethod
     def _hub(hub: Hub) -> Iterator[Metric]:

@@ -52,6 +52,7 @@ class ConnectionStats:
         "bytes_sent",
         "send_failures",
         "slow_consumer_drops",
+        "handshakes_shed",
     )
 
     def __init__(self) -> None:
@@ -68,6 +69,8 @@ class ConnectionStats:
         self.send_failures = 0
         #: Connections dropped because their outbox overflowed (close 4008).
         self.slow_consumer_drops = 0
+        #: Handshakes refused with 503 because the server was overloaded or full.
+        self.handshakes_shed = 0
 
 
 class RequestStats:

@@ -20,9 +20,18 @@ from marshmallow import ValidationError
 from . import protocol
 from .auth import Identity, bearer_token
 from .connection import Connection
-from .errors import ApiError, BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized
+from .errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from .hub import Hub
 from .keys import (
+    admission_key,
     config_key,
     history_key,
     hub_key,
@@ -99,6 +108,7 @@ async def _serve(
 ) -> web.StreamResponse:
     # A refused origin or token is logged (auth.failed) and counted by the error middleware.
     check_origin(request)
+    _admit(request)
     identity = authenticate(request, allow_query=True)
     store = request.app[store_key]
     if task_id is not None:
@@ -136,6 +146,22 @@ async def _serve(
         return await session.run(identity, last_seq)
     finally:
         slots.release(identity.user_id)
+
+
+def _admit(request: web.Request) -> None:
+    """Refuse the handshake with 503 + Retry-After while the server sheds load (storms)."""
+    app = request.app
+    refusal = app[admission_key].refusal(app[hub_key].connection_count)
+    if refusal is None:
+        return
+    reason, retry_after = refusal
+    app[metrics_key].connections.handshakes_shed += 1
+    log.info("ws.shed reason=%s retry_after=%d peer=%s", reason, retry_after, request.remote)
+    raise Unavailable(
+        "server busy: retry later" if reason == "overloaded" else "server full: retry later",
+        code=reason,
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 class Session:
