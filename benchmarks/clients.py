@@ -66,6 +66,8 @@ class Worker:
         self.connect_errors = 0
         self.shed = 0  # 503 answers to a handshake
         self.goals: dict[str, dict[str, int]] = {}
+        #: The first few gaps seen, for diagnosis.
+        self.gap_samples: list[dict[str, Any]] = []
 
     async def run(self, ready: Any) -> dict[str, Any]:
         spec = self.spec
@@ -111,6 +113,7 @@ class Worker:
             if spec.goal_file
             else None,
             "latencies": self.latencies,
+            "gap_samples": self.gap_samples,
             "connect_errors": self.connect_errors,
             "shed": self.shed,
             "stalled_closed": stalled_closed,
@@ -250,6 +253,10 @@ class Worker:
             return
         if seq > last + 1:
             state.gaps += seq - last - 1
+            if len(self.gap_samples) < 20:
+                self.gap_samples.append(
+                    {"task": task_id, "last": last, "seq": seq, "reconnects": state.reconnects}
+                )
         state.last_seq[task_id] = seq
         if data.get("event") == "progress":
             state.received += 1

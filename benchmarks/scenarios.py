@@ -381,6 +381,7 @@ async def restart_storm(target: Target, sizes: Sizes) -> Figures:
         else float("nan"),
         "server_down_s": back_at - restart_at,
         "gaps": sum(r["gaps"] for r in results),
+        "gap_samples": [g for r in results for g in r["gap_samples"]][:10],
         "dups": sum(r["dups"] for r in results),
         "all_final": all(r["final_seq_ok"] for r in results),
         "reconnects": sum(r["reconnects"] for r in results),

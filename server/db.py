@@ -3,7 +3,9 @@
 Writes go through the single writer connection, one transaction at a time (guarded by
 `write_lock`): aiosqlite runs a connection's calls on one thread, and two tasks sharing
 a connection would share its transaction. Reads use a second connection; in WAL mode
-it sees every committed transaction and never blocks the writer.
+it sees every committed transaction and never blocks the writer, provided every read is
+executed and fetched in one call (`execute_fetchall`): a statement left active on the
+shared reader keeps its snapshot for every later read (see `Store._query`).
 """
 
 from __future__ import annotations
@@ -42,15 +44,13 @@ class Database:
 
     async def auto_vacuum_mode(self) -> int:
         """SQLite's auto_vacuum setting: 0 none, 1 full, 2 incremental."""
-        async with self.reader.execute("PRAGMA auto_vacuum") as cur:
-            row = await cur.fetchone()
-        return 0 if row is None else int(row[0])
+        rows = await self.reader.execute_fetchall("PRAGMA auto_vacuum")
+        return int(rows[0][0]) if rows else 0
 
     async def free_pages(self) -> int:
         """Pages on SQLite's freelist: space deletes left inside the file."""
-        async with self.reader.execute("PRAGMA freelist_count") as cur:
-            row = await cur.fetchone()
-        return 0 if row is None else int(row[0])
+        rows = await self.reader.execute_fetchall("PRAGMA freelist_count")
+        return int(rows[0][0]) if rows else 0
 
     async def incremental_vacuum(self, pages: int) -> None:
         """Give back up to `pages` free pages to the file system (auto_vacuum=INCREMENTAL only).

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,11 +149,39 @@ def _event_params(event: Event) -> tuple[Any, ...]:
     )
 
 
+class _Rows:
+    """Rows already fetched, behind the cursor methods the queries use."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: Iterable[sqlite3.Row]) -> None:
+        self._rows = list(rows)
+
+    async def fetchall(self) -> list[sqlite3.Row]:
+        return self._rows
+
+    async def fetchone(self) -> sqlite3.Row | None:
+        return self._rows[0] if self._rows else None
+
+
 class Store:
     """Reads through the reader connection; writes one transaction at a time on the writer."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    @asynccontextmanager
+    async def _query(self, sql: str, args: Sequence[Any] = ()) -> AsyncIterator[_Rows]:
+        """Run a read and fetch all its rows in one call on the reader's thread.
+
+        Why one call: with execute and fetch as separate calls, the statements of concurrent
+        readers overlap on the shared connection, and SQLite keeps one read transaction (one
+        snapshot) open for as long as any statement is active. Under a burst of subscribes
+        such a chain lasted hundreds of milliseconds, and a subscriber was shown a task older
+        than events already published to others (a gap in its stream). Stepped to the end
+        in one call, each query starts from the latest commit.
+        """
+        yield _Rows(await self._db.reader.execute_fetchall(sql, args))
 
     # -- users ---------------------------------------------------------------------------
 
@@ -170,7 +199,7 @@ class Store:
 
     async def find_credentials(self, username: str) -> tuple[User, str] | None:
         """The user and their password hash, or None."""
-        async with self._db.reader.execute(
+        async with self._query(
             "SELECT id, username, password_hash FROM users WHERE username = ?", (username,)
         ) as cur:
             row = await cur.fetchone()
@@ -179,9 +208,7 @@ class Store:
         return User(id=row["id"], username=row["username"]), row["password_hash"]
 
     async def get_user(self, user_id: int) -> User | None:
-        async with self._db.reader.execute(
-            "SELECT id, username FROM users WHERE id = ?", (user_id,)
-        ) as cur:
+        async with self._query("SELECT id, username FROM users WHERE id = ?", (user_id,)) as cur:
             row = await cur.fetchone()
         return None if row is None else User(id=row["id"], username=row["username"])
 
@@ -190,11 +217,10 @@ class Store:
     async def get_task(self, task_id: str, *, for_write: bool = False) -> Task | None:
         """A task by id; `for_write` reads through the writer (call it holding no lock)."""
         conn = self._db.writer if for_write else self._db.reader
-        async with conn.execute(
+        rows = await conn.execute_fetchall(
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else _task_from_row(row)
+        )
+        return _task_from_row(rows[0]) if rows else None
 
     async def list_tasks(
         self, user_id: int, statuses: Iterable[TaskStatus] | None, limit: int
@@ -208,12 +234,12 @@ class Store:
             args += wanted
         sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
         args.append(limit)
-        async with self._db.reader.execute(sql, args) as cur:
+        async with self._query(sql, args) as cur:
             return [_task_from_row(row) for row in await cur.fetchall()]
 
     async def list_events(self, task_id: str, after_seq: int, limit: int) -> list[Event]:
         """Events with seq > after_seq, in seq order."""
-        async with self._db.reader.execute(
+        async with self._query(
             f"SELECT {_EVENT_COLUMNS} FROM task_events WHERE task_id = ? AND seq > ?"
             " ORDER BY seq LIMIT ?",
             (task_id, after_seq, limit),
@@ -222,7 +248,7 @@ class Store:
 
     async def first_kept_seq(self, task_id: str) -> int | None:
         """The lowest seq still stored for a task (history may be trimmed), or None."""
-        async with self._db.reader.execute(
+        async with self._query(
             "SELECT MIN(seq) FROM task_events WHERE task_id = ?", (task_id,)
         ) as cur:
             row = await cur.fetchone()
@@ -230,9 +256,7 @@ class Store:
 
     async def count_tasks_by_status(self) -> dict[str, int]:
         """Number of tasks per status (metrics); reads the `tasks_by_status` index only."""
-        async with self._db.reader.execute(
-            "SELECT status, COUNT(*) FROM tasks GROUP BY status"
-        ) as cur:
+        async with self._query("SELECT status, COUNT(*) FROM tasks GROUP BY status") as cur:
             return {row[0]: row[1] for row in await cur.fetchall()}
 
     async def tasks_to_resume(self, kinds: Iterable[str]) -> list[Task]:
@@ -240,7 +264,7 @@ class Store:
         wanted = list(kinds)
         if not wanted:
             return []
-        async with self._db.reader.execute(
+        async with self._query(
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN ('pending', 'running')"
             f" AND kind IN ({','.join('?' * len(wanted))}) ORDER BY created_at",
             wanted,
@@ -348,7 +372,7 @@ class Store:
 
     async def list_subscriptions(self, user_id: int, limit: int) -> list[SubscriptionRecord]:
         """A user's subscription history, newest first."""
-        async with self._db.reader.execute(
+        async with self._query(
             "SELECT task_id, connection_id, subscribed_at, unsubscribed_at FROM subscriptions"
             " WHERE user_id = ? ORDER BY subscribed_at DESC, id DESC LIMIT ?",
             (user_id, limit),
@@ -386,7 +410,7 @@ class Store:
         since, since_id = after or ("", "")
         # `+t.status` keeps the planner on tasks_finished (in finished_at order), not the
         # status index; finished_at is set exactly when the status becomes terminal.
-        async with self._db.reader.execute(
+        async with self._query(
             "SELECT t.id, t.finished_at, t.seq,"
             " (SELECT MIN(e.seq) FROM task_events e WHERE e.task_id = t.id) AS first_kept,"
             f" {subs} AS subscriptions"
@@ -401,7 +425,7 @@ class Store:
         """The event spans of the given tasks (those that still exist)."""
         if not task_ids:
             return []
-        async with self._db.reader.execute(
+        async with self._query(
             "SELECT t.id, t.finished_at, t.seq,"
             " (SELECT MIN(e.seq) FROM task_events e WHERE e.task_id = t.id) AS first_kept,"
             " 0 AS subscriptions"
@@ -418,7 +442,7 @@ class Store:
         Looks at up to `limit` tasks after `after_rowid` (so other reads get their turn
         between pages); returns the last rowid looked at (None: the scan is over) and the ids.
         """
-        async with self._db.reader.execute(
+        async with self._query(
             "SELECT rowid, id, seq FROM tasks WHERE rowid > ? ORDER BY rowid LIMIT ?",
             (after_rowid, limit),
         ) as cur:
