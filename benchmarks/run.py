@@ -151,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per scenario and variant")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help='extra flags for the real server, e.g. "--log-level WARNING"',
+    )
     for f in dataclasses.fields(Sizes):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     args = parser.parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
+    SERVER_ARGS.extend(args.server_args.split())
     for f in dataclasses.fields(Sizes):
         value = getattr(args, f.name)
         if value is not None:
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": dataclasses.asdict(sizes),
         "repeat": args.repeat,
         "scenarios": {},
+        "server_args": list(SERVER_ARGS),
     }
     for scenario in chosen:
         title, _, with_reference = SCENARIOS[scenario]

@@ -30,6 +30,20 @@ from .ws import authenticate
 
 routes = web.RouteTableDef()
 
+#: Schema instances are reusable; building one per request costs a deep copy of its fields.
+_COMPLETE_TASK = schemas.CompleteTask()
+_CREATE_TASK = schemas.CreateTask()
+_CREDENTIALS = schemas.Credentials()
+_EMPTY = schemas.Empty()
+_FAIL_TASK = schemas.FailTask()
+_LIST_EVENTS_QUERY = schemas.ListEventsQuery()
+_LIST_SUBSCRIPTIONS_QUERY = schemas.ListSubscriptionsQuery()
+_LIST_TASKS_QUERY = schemas.ListTasksQuery()
+_LOGIN_FORM = schemas.LoginForm()
+_REGISTER = schemas.Register()
+_REPORT_PROGRESS = schemas.ReportProgress()
+_STOCK_PARAMS = schemas.StockParams()
+
 
 async def _read_body(request: web.Request) -> bytes:
     try:
@@ -97,7 +111,7 @@ async def _owned_task(request: web.Request, identity: Identity) -> Task:
 
 @routes.post("/api/v1/auth/register")
 async def register(request: web.Request) -> web.Response:
-    data = await _body(request, schemas.Register())
+    data = await _body(request, _REGISTER)
     password_hash = await hash_password(data["password"])
     try:
         user = await request.app[store_key].create_user(data["username"], password_hash, utc_now())
@@ -118,9 +132,9 @@ async def login(request: web.Request) -> web.Response:
             form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
             raise BadRequest("form body is not UTF-8") from None
-        data = _validate(schemas.LoginForm(), form)
+        data = _validate(_LOGIN_FORM, form)
     else:
-        data = await _body(request, schemas.Credentials())
+        data = await _body(request, _CREDENTIALS)
     found = await request.app[store_key].find_credentials(data["username"])
     if not await verify_password(data["password"], found[1] if found else None) or found is None:
         raise Unauthorized("wrong username or password", code="invalid_credentials")
@@ -173,7 +187,7 @@ async def _create(
     if await request.app[store_key].get_user(identity.user_id) is None:
         raise Unauthorized("unknown user", code="invalid_token")
     if jobs.is_builtin(kind):
-        params = _validate(schemas.StockParams(), params)
+        params = _validate(_STOCK_PARAMS, params)
         params["code"] = params["code"].upper()
     task = await request.app[tracker_key].create_task(identity.user_id, kind, params)
     if jobs.is_builtin(kind):
@@ -184,21 +198,21 @@ async def _create(
 @routes.post("/api/v1/tasks")
 async def create_task(request: web.Request) -> web.Response:
     identity = _caller(request)
-    data = await _body(request, schemas.CreateTask())
+    data = await _body(request, _CREATE_TASK)
     return await _create(request, identity, data["kind"], data["params"])
 
 
 @routes.post("/api/v1/stock/analyze")
 async def analyze_stock(request: web.Request) -> web.Response:
     identity = _caller(request)
-    data = await _body(request, schemas.StockParams())
+    data = await _body(request, _STOCK_PARAMS)
     return await _create(request, identity, schemas.STOCK_ANALYSIS, data)
 
 
 @routes.get("/api/v1/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
     identity = _caller(request)
-    query = _validate(schemas.ListTasksQuery(), dict(request.query))
+    query = _validate(_LIST_TASKS_QUERY, dict(request.query))
     status = query["status"]
     statuses = (
         None
@@ -220,7 +234,7 @@ async def get_task(request: web.Request) -> web.Response:
 @routes.get("/api/v1/tasks/{task_id}/events")
 async def list_events(request: web.Request) -> web.Response:
     identity = _caller(request)
-    query = _validate(schemas.ListEventsQuery(), dict(request.query))
+    query = _validate(_LIST_EVENTS_QUERY, dict(request.query))
     task = await _owned_task(request, identity)
     events = await request.app[store_key].list_events(task.id, query["after_seq"], query["limit"])
     return web.json_response({"events": [e.to_dict() for e in events]})
@@ -252,7 +266,7 @@ def _check_task_rate(request: web.Request, identity: Identity) -> None:
 async def report_progress(request: web.Request) -> web.Response:
     identity = _caller(request)
     _check_task_rate(request, identity)
-    data = await _body(request, schemas.ReportProgress())
+    data = await _body(request, _REPORT_PROGRESS)
     events = await request.app[tracker_key].report_progress(
         request.match_info["task_id"],
         Progress(progress=data["progress"], step=data.get("step"), message=data.get("message")),
@@ -264,7 +278,7 @@ async def report_progress(request: web.Request) -> web.Response:
 @routes.post("/api/v1/tasks/{task_id}/complete")
 async def complete_task(request: web.Request) -> web.Response:
     identity = _caller(request)
-    data = await _body(request, schemas.CompleteTask(), allow_empty=True)
+    data = await _body(request, _COMPLETE_TASK, allow_empty=True)
     events = await request.app[tracker_key].complete(
         request.match_info["task_id"], data.get("result"), owner_id=identity.user_id
     )
@@ -274,7 +288,7 @@ async def complete_task(request: web.Request) -> web.Response:
 @routes.post("/api/v1/tasks/{task_id}/fail")
 async def fail_task(request: web.Request) -> web.Response:
     identity = _caller(request)
-    data = await _body(request, schemas.FailTask())
+    data = await _body(request, _FAIL_TASK)
     events = await request.app[tracker_key].fail(
         request.match_info["task_id"], data["error"], owner_id=identity.user_id
     )
@@ -284,7 +298,7 @@ async def fail_task(request: web.Request) -> web.Response:
 @routes.post("/api/v1/tasks/{task_id}/cancel")
 async def cancel_task(request: web.Request) -> web.Response:
     identity = _caller(request)
-    await _body(request, schemas.Empty(), allow_empty=True)
+    await _body(request, _EMPTY, allow_empty=True)
     events = await request.app[tracker_key].cancel(
         request.match_info["task_id"], owner_id=identity.user_id
     )
@@ -295,6 +309,6 @@ async def cancel_task(request: web.Request) -> web.Response:
 async def list_subscriptions(request: web.Request) -> web.Response:
     """The caller's subscription history, newest first (the demo page's "resume" hint)."""
     identity = _caller(request)
-    query = _validate(schemas.ListSubscriptionsQuery(), dict(request.query))
+    query = _validate(_LIST_SUBSCRIPTIONS_QUERY, dict(request.query))
     records = await request.app[store_key].list_subscriptions(identity.user_id, query["limit"])
     return web.json_response({"subscriptions": [r.to_dict() for r in records]})

@@ -9,6 +9,7 @@ import hmac
 import os
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .errors import Unauthorized
 # scrypt cost: ~16 MiB and tens of milliseconds per hash; run off the event loop.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _ALGORITHM = "HS256"
+#: Verified tokens remembered (see TokenService.verify).
+_VERIFIED_CACHE = 4096
 #: Clock skew tolerated when checking exp, in seconds.
 _LEEWAY = 0
 
@@ -96,6 +99,8 @@ class TokenService:
             raise ValueError("the JWT secret must be at least 32 bytes")
         self._secret = secret
         self.ttl = ttl
+        #: Tokens already verified, by token string (least recently used first).
+        self._verified: OrderedDict[str, Identity] = OrderedDict()
 
     def issue(self, user_id: int, username: str) -> str:
         now = int(time.time())
@@ -103,7 +108,22 @@ class TokenService:
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
     def verify(self, token: str) -> Identity:
-        """Raises Unauthorized for anything but a well-signed, unexpired HS256 token."""
+        """Raises Unauthorized for anything but a well-signed, unexpired HS256 token.
+
+        A token that verified once is remembered until it expires (bounded LRU): its
+        signature cannot change, and decoding costs more than the rest of a progress post.
+        """
+        known = self._verified.get(token)
+        if known is not None and time.time() < known.expires_at:
+            self._verified.move_to_end(token)
+            return known
+        identity = self._decode(token)
+        self._verified[token] = identity
+        if len(self._verified) > _VERIFIED_CACHE:
+            self._verified.popitem(last=False)
+        return identity
+
+    def _decode(self, token: str) -> Identity:
         try:
             claims = jwt.decode(
                 token,

@@ -42,7 +42,7 @@ class Config:
     #: Messages a connection may have queued for sending before it is a slow consumer.
     send_queue_messages: int = 1000
     #: Bytes a connection may have queued (own queue + transport buffer) before it is dropped.
-    send_queue_bytes: int = 8 * 1024 * 1024
+    send_queue_bytes: int = 1024 * 1024
     #: Client messages per second per connection (token bucket; 0: no limit). Protocol
     #: pings are not counted. Over it: an error "rate_limited", the message is ignored.
     ws_rate: float = 100.0
