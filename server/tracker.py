@@ -330,6 +330,12 @@ class Tracker:
         except Exception as exc:
             self.commit_failures += 1
             log.error("tracker.commit_failed tasks=%d error=%r", len(writes), exc)
+            if len(accepted) > 1:
+                # One bad request must not fail the others it happened to share a
+                # transaction with: nothing was stored or cached, so commit each alone.
+                for req, _ in accepted:
+                    await self._commit_batch([req])
+                return
             for req, _ in accepted:
                 req.future.set_exception(Unavailable("could not store the event"))
             return

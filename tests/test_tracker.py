@@ -170,3 +170,28 @@ def test_apply_change_is_pure():
     assert (task.seq, task.progress) == (3, 5)
     assert (new.seq, new.progress, new.step, new.message) == (4, 10, "s", "hi")
     assert events[0].ts == "ts" and events[0].seq == 4
+
+
+async def test_a_failing_request_does_not_fail_its_batch(tracker, store, monkeypatch):
+    """When a shared transaction fails, the requests are retried alone: only the bad one fails."""
+    good = await tracker.create_task(1, "external", {})
+    bad = await tracker.create_task(1, "external", {})
+    real_commit = store.commit
+
+    async def commit(writes):
+        if any(w.task.id == bad.id for w in writes):
+            raise sqlite3.IntegrityError("bad row")
+        await real_commit(writes)
+
+    monkeypatch.setattr(store, "commit", commit)
+    results = await asyncio.gather(
+        tracker.report_progress(good.id, Progress(1)),
+        tracker.report_progress(bad.id, Progress(1)),
+        tracker.report_progress(good.id, Progress(2)),
+        return_exceptions=True,
+    )
+    assert [e.seq for e in results[0]] == [2, 3] and [e.seq for e in results[2]] == [4]
+    assert "could not store" in str(results[1])
+    monkeypatch.undo()
+    assert (await store.get_task(good.id)).seq == 4
+    assert (await store.get_task(bad.id)).seq == 1
