@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -38,6 +39,13 @@ def make_app(config: Config) -> Callable[..., web.Application]:
         return create_app(dataclasses.replace(config, **changes))
 
     return make
+
+
+@pytest.fixture
+async def http() -> Any:
+    """A plain aiohttp client session, for servers running as subprocesses."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

@@ -53,12 +53,6 @@ def make_server(tmp_path: Path, unused_tcp_port_factory: Callable[[], int]) -> I
         server.close()
 
 
-@pytest.fixture
-async def http() -> Any:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def recv_json(ws: Any) -> dict[str, Any]:
     async with asyncio.timeout(TIMEOUT):
         return json.loads(await ws.recv())

@@ -63,12 +63,6 @@ def make_server(tmp_path: Path, unused_tcp_port_factory: Callable[[], int]) -> I
         server.close()
 
 
-@pytest.fixture
-async def http() -> Any:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 # -- small clients -----------------------------------------------------------------------
 
 
