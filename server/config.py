@@ -53,16 +53,16 @@ class Config:
     #: Subscriptions per connection (0: no limit).
     max_subscriptions: int = 100
     #: Open WebSocket connections per user (0: no limit); one more is refused with 429.
-    max_connections_per_user: int = 50
+    max_connections_per_user: int = 10000
     #: Most open WebSocket connections in all (0: no limit); more get 503 + Retry-After.
     max_connections: int = 20000
     #: New WebSocket connections get 503 + Retry-After while the event loop lags this
     #: many seconds (smoothed; 0: never shed for lag).
     shed_lag: float = 0.25
     #: Progress posts per second per task (token bucket; 0: no limit); over it: 429.
-    task_rate: float = 100.0
+    task_rate: float = 1000.0
     #: Progress posts a task may make at once after a quiet spell.
-    task_burst: int = 1000
+    task_burst: int = 2000
     #: SQLite synchronous mode: FULL fsyncs every commit (survives power loss), NORMAL
     #: survives a process crash only.
     sqlite_synchronous: str = "FULL"
