@@ -1,9 +1,12 @@
 """One WebSocket client: a bounded outbox drained by its own writer task.
 
-The hub pushes pre-serialised text into the outbox without waiting. The writer task is
-the only thing that awaits the socket, so a client that stops reading stalls only its
-own writer. When the outbox (messages, or bytes queued here plus bytes in the transport's
-write buffer) passes its limit, the client is a slow consumer: it gets close 4008 if it
+The hub pushes pre-serialised text without waiting. When nothing is queued and the writer
+is idle (the usual case), the frame is written to the transport at once, built once per
+message and shared by every subscriber, with no task switch per subscriber. Otherwise it
+goes to the outbox, and the writer task, the only thing that awaits the socket, sends it
+in order; a client that stops reading stalls only its own writer. When the outbox
+(messages, or bytes queued here plus bytes in the transport's write buffer) passes its
+limit, the client is a slow consumer: it gets close 4008 if it
 can still take it within a short grace, and its transport is then aborted, which frees
 the kernel and aiohttp buffers at once (a plain close would keep them until it reads).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +43,30 @@ class _Close:
 
 
 _PING = _Ping()
+
+
+class _FrameCache:
+    """The last text frame built: a fan-out pushes the same str object to every subscriber,
+    so one entry makes the frame once per message."""
+
+    text: str | None = None
+    frame: bytes = b""
+
+
+def text_frame(text: str) -> bytes:
+    """An unmasked, uncompressed, final WebSocket text frame (RFC 6455 5.2) carrying `text`."""
+    if text is _FrameCache.text:
+        return _FrameCache.frame
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    _FrameCache.text, _FrameCache.frame = text, header + payload
+    return _FrameCache.frame
 
 
 class Connection:
@@ -77,6 +105,8 @@ class Connection:
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
         self._closer: asyncio.Task[None] | None = None
+        #: True while the writer task is inside a send (frames then go through the outbox).
+        self._sending = False
         self._aborted = False
         #: Resolved by the writer after each send, for `wait_for_room`.
         self._room: asyncio.Future[None] | None = None
@@ -92,6 +122,15 @@ class Connection:
             or self._queued_bytes + buffered + len(data) > self._max_bytes
         ):
             self._drop_slow(buffered, len(data))
+            return
+        transport = self._transport
+        if not self._outbox and not self._sending and transport is not None:
+            # Nothing queued and the writer idle: writing now keeps the order. aiohttp's
+            # writer writes each frame whole, so frames never interleave.
+            if not transport.is_closing():
+                transport.write(text_frame(data))
+                self.stats.messages_sent += 1
+                self.stats.bytes_sent += len(data)
             return
         self._outbox.append(data)
         self._queued_bytes += len(data)
@@ -234,6 +273,7 @@ class Connection:
                     self._wakeup = None
                     continue
                 item = self._outbox.popleft()
+                self._sending = True
                 if isinstance(item, str):
                     self._queued_bytes -= len(item)
                     await self._ws.send_str(item)
@@ -248,6 +288,7 @@ class Connection:
                     self.close_reason = item.reason
                     await self._close_then_abort_if_stuck(item)
                     return
+                self._sending = False
         except (ConnectionError, RuntimeError) as exc:
             if not self._closing:
                 self.stats.send_failures += 1

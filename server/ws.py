@@ -131,7 +131,11 @@ async def _serve(
             headers={"Retry-After": str(RETRY_CONNECT_AFTER)},
         )
     try:
-        ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes, autoping=False)
+        # compress=False: frames are written pre-built (connection.text_frame), and tiny
+        # JSON messages are not worth deflating anyway.
+        ws = web.WebSocketResponse(
+            max_msg_size=config.max_frame_bytes, autoping=False, compress=False
+        )
         transport = request.transport
         await ws.prepare(request)
         conn = Connection(
