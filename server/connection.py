@@ -124,9 +124,16 @@ class Connection:
             self._drop_slow(buffered, len(data))
             return
         transport = self._transport
-        if not self._outbox and not self._sending and transport is not None:
+        if (
+            not self._outbox
+            and not self._sending
+            and transport is not None
+            and buffered < self._max_bytes // 2
+        ):
             # Nothing queued and the writer idle: writing now keeps the order. aiohttp's
-            # writer writes each frame whole, so frames never interleave.
+            # writer writes each frame whole, so frames never interleave. A peer already
+            # behind goes through the outbox, whose writer waits for the socket to drain
+            # (and `wait_for_room` paces replays by the outbox).
             if not transport.is_closing():
                 transport.write(text_frame(data))
                 self.stats.messages_sent += 1

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
 
-from server.connection import text_frame
+from server.connection import Connection, text_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
@@ -31,3 +32,51 @@ def test_text_frame_is_built_once_per_message():
     assert text_frame(message) is text_frame(message)
     other = "".join(["{", '"a":1', "}"])
     assert text_frame(other) == text_frame(message)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.written: list[bytes] = []
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        pass
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send_str(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def close(self, **kwargs: object) -> bool:
+        return True
+
+
+async def test_idle_peer_gets_frames_directly_and_a_lagging_one_through_the_writer():
+    """Frames go straight to an idle peer's transport; once its buffer is half full, in order
+    through the outbox and writer instead."""
+    transport, socket = FakeTransport(), FakeSocket()
+    conn = Connection(socket, transport, 1, max_messages=100, max_bytes=1000)  # type: ignore[arg-type]
+    conn.push('{"n":1}')
+    assert transport.written == [text_frame('{"n":1}')] and socket.sent == []
+    transport.buffered = 600  # the peer is behind: more than half of max_bytes
+    conn.push('{"n":2}')
+    conn.push('{"n":3}')
+    assert transport.written == [text_frame('{"n":1}')]
+    await conn.wait_writer(0.1)  # the writer sends what was queued, in order
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert socket.sent == ['{"n":2}', '{"n":3}']
+    assert conn.stats.messages_sent == 3
+    await conn.finish()
