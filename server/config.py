@@ -84,7 +84,7 @@ class Config:
     log_format: str = "kv"
     #: Bearer token /metrics requires; None: /metrics is open (bind it to a private network).
     metrics_token: str | None = field(default=None, repr=False)
-    migrations_dir: Path = field(default=PROJECT_ROOT / "migrations")
+    migrations_dir: Path = field(default=PROJECT_ROOT / "migrations" / "sqlite")
     static_dir: Path = field(default=PROJECT_ROOT / "static")
 
     @property

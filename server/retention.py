@@ -33,9 +33,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from .db import Database
 from .models import Event
-from .store import EventSpan, Store
+from .store.sqlite import EventSpan, Store
+from .store.sqlite_db import Database
 
 log = logging.getLogger(__name__)
 

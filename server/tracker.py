@@ -22,7 +22,7 @@ from typing import Any
 from .errors import NotFound, TaskFinished, Unavailable
 from .models import Event, EventType, Task, TaskStatus, utc_now
 from .stats import Histogram
-from .store import Store, TaskWrite
+from .store.sqlite import Store, TaskWrite
 
 log = logging.getLogger(__name__)
 

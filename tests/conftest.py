@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from server.app import create_app
 from server.config import Config
+from server.web.app import create_app
 
 from .helpers import SECRET
 

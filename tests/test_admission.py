@@ -9,7 +9,7 @@ import pytest
 from aiohttp import WSServerHandshakeError
 
 from server.admission import Admission, LoopLag
-from server.keys import admission_key
+from server.web.keys import admission_key
 
 from .helpers import auth_headers, receive_json, register, ws_connect
 

@@ -9,7 +9,7 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from server.keys import jobs_key
+from server.web.keys import jobs_key
 
 from .helpers import (
     PASSWORD,

@@ -18,7 +18,7 @@ def test_defaults_without_flags_or_environment() -> None:
     assert (config.host, config.port, config.db_path) == ("127.0.0.1", 8080, Path("data/app.db"))
     assert config.job_step_delay == 1.0
     assert config.jwt_secret is None
-    assert config.migrations_dir == PROJECT_ROOT / "migrations"
+    assert config.migrations_dir == PROJECT_ROOT / "migrations" / "sqlite"
 
 
 def test_flags_set_every_field() -> None:

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from server.connection import Connection, text_frame
+from server.web.connection import Connection, text_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])

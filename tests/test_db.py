@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from server.config import PROJECT_ROOT
-from server.db import DatabaseError, apply_migrations, open_database
+from server.store.sqlite_db import DatabaseError, apply_migrations, open_database
 
-MIGRATIONS = PROJECT_ROOT / "migrations"
+MIGRATIONS = PROJECT_ROOT / "migrations" / "sqlite"
 #: (version, name) of every shipped migration, in order.
 SHIPPED = [(int(f.name[:4]), f.stem[5:]) for f in sorted(MIGRATIONS.glob("*.sql"))]
 SHIPPED_VERSIONS = [v for v, _ in SHIPPED]

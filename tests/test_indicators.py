@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server import indicators
-from server.prices import SyntheticPriceProvider
+from server.jobs import indicators
+from server.jobs.prices import SyntheticPriceProvider
 
 
 def test_sma():

@@ -17,7 +17,6 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from server.config import Config, from_args
-from server.keys import hub_key, ws_slots_key
 from server.limits import (
     FLOOD_WINDOW,
     KeyedBuckets,
@@ -26,6 +25,7 @@ from server.limits import (
     UserSlots,
     Verdict,
 )
+from server.web.keys import hub_key, ws_slots_key
 
 from .helpers import (
     auth_headers,

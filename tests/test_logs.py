@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from server.config import from_args
-from server.logs import JsonFormatter, KeyValueFormatter, log_path, parse_event, redact
+from server.web.logs import JsonFormatter, KeyValueFormatter, log_path, parse_event, redact
 
 from .helpers import SECRET, TIMEOUT
 from .server_process import ServerProcess, api

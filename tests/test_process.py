@@ -408,7 +408,8 @@ async def test_fresh_start_creates_folder_file_and_schema(
     await server.start()
     assert db_path.is_file()
     first = _migrations(db_path)
-    shipped = sorted(int(f.name[:4]) for f in (RUN_PY.parent / "migrations").glob("*.sql"))
+    migrations = RUN_PY.parent / "migrations" / "sqlite"
+    shipped = sorted(int(f.name[:4]) for f in migrations.glob("*.sql"))
     assert [v for v, _ in first] == shipped
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}

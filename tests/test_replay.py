@@ -13,7 +13,7 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
-from server.keys import db_key, hub_key
+from server.web.keys import db_key, hub_key
 
 from .helpers import (
     MS,

@@ -14,9 +14,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from server.keys import config_key, db_key, history_key, store_key, tracker_key
 from server.retention import Retention
 from server.tracker import Progress
+from server.web.keys import config_key, db_key, history_key, store_key, tracker_key
 
 from .helpers import MS, auth_headers, create_task, eventually, receive_json, register, ws_connect
 

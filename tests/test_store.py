@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from server.config import PROJECT_ROOT
-from server.db import open_database
-from server.store import Store
+from server.store.sqlite import Store
+from server.store.sqlite_db import open_database
 from server.tracker import Progress, Tracker
 
 
 @pytest.fixture
 async def db(tmp_path):
-    db = await open_database(tmp_path / "s.db", PROJECT_ROOT / "migrations")
+    db = await open_database(tmp_path / "s.db", PROJECT_ROOT / "migrations" / "sqlite")
     yield db
     await db.close()
 

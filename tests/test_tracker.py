@@ -8,16 +8,16 @@ import sqlite3
 import pytest
 
 from server.config import PROJECT_ROOT
-from server.db import open_database
 from server.errors import NotFound, TaskFinished
 from server.models import EventType, TaskStatus
-from server.store import Store
+from server.store.sqlite import Store
+from server.store.sqlite_db import open_database
 from server.tracker import Cancel, Complete, Fail, Progress, Tracker, apply_change
 
 
 @pytest.fixture
 async def store(tmp_path):
-    db = await open_database(tmp_path / "t.db", PROJECT_ROOT / "migrations")
+    db = await open_database(tmp_path / "t.db", PROJECT_ROOT / "migrations" / "sqlite")
     store = Store(db)
     await store.create_user("owner", "x", "2026-01-01T00:00:00.000Z")
     await store.create_user("other", "x", "2026-01-01T00:00:00.000Z")

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
-from server.keys import hub_key
+from server.web.keys import hub_key
 
 from .helpers import (
     SECRET,
@@ -506,7 +506,7 @@ def writer_tasks() -> list[asyncio.Task[Any]]:
 
 async def test_client_close_releases_connection_and_subscriptions(client, caplog):
     """A client that closes is forgotten at once: no connection, subscription or writer task."""
-    caplog.set_level(logging.INFO, logger="server.ws")
+    caplog.set_level(logging.INFO, logger="server.web.ws")
     token, task = await start(client)
     hub = client.app[hub_key]
     ws = await ws_connect(client, token)

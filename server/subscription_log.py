@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from .models import utc_now
-from .store import Store
+from .store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import aiosqlite
 
-from .db import Database
-from .models import Event, EventType, Task, TaskStatus, User
+from ..models import Event, EventType, Task, TaskStatus, User
+from .sqlite_db import Database
 
 _TASK_COLUMNS = (
     "id, user_id, kind, params, status, progress, step, message, result, error, seq,"

@@ -6,19 +6,19 @@ import weakref
 
 from aiohttp import web
 
-from .admission import Admission
-from .auth import TokenService
-from .config import Config
+from ..admission import Admission
+from ..auth import TokenService
+from ..config import Config
+from ..hub import Hub
+from ..jobs import JobRunner
+from ..limits import KeyedBuckets, UserSlots
+from ..retention import Retention
+from ..store.sqlite import Store
+from ..store.sqlite_db import Database
+from ..subscription_log import SubscriptionHistory
+from ..tracker import Tracker
 from .connection import Connection
-from .db import Database
-from .history import SubscriptionHistory
-from .hub import Hub
-from .jobs import JobRunner
-from .limits import KeyedBuckets, UserSlots
 from .metrics import Metrics
-from .retention import Retention
-from .store import Store
-from .tracker import Tracker
 
 config_key = web.AppKey("config", Config)
 db_key = web.AppKey("db", Database)

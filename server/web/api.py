@@ -11,9 +11,9 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from marshmallow import Schema, ValidationError
 
-from . import schemas
-from .auth import Identity, hash_password, verify_password
-from .errors import (
+from .. import schemas
+from ..auth import Identity, hash_password, verify_password
+from ..errors import (
     BadRequest,
     Conflict,
     NotFound,
@@ -22,10 +22,10 @@ from .errors import (
     Unauthorized,
     ValidationFailed,
 )
+from ..models import ACTIVE_STATUSES, Task, TaskStatus, utc_now
+from ..store.sqlite import UsernameTaken
+from ..tracker import Progress
 from .keys import config_key, jobs_key, store_key, task_rate_key, tokens_key, tracker_key
-from .models import ACTIVE_STATUSES, Task, TaskStatus, utc_now
-from .store import UsernameTaken
-from .tracker import Progress
 from .ws import authenticate
 
 routes = web.RouteTableDef()

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import protocol
-from .stats import ConnectionStats
+from .. import protocol
+from ..stats import ConnectionStats
 
 log = logging.getLogger(__name__)
 

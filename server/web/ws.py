@@ -17,10 +17,9 @@ from urllib.parse import urlsplit
 from aiohttp import WSMsgType, web
 from marshmallow import ValidationError
 
-from . import protocol
-from .auth import Identity, bearer_token
-from .connection import Connection
-from .errors import (
+from .. import protocol
+from ..auth import Identity, bearer_token
+from ..errors import (
     ApiError,
     BadRequest,
     Forbidden,
@@ -29,7 +28,12 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
-from .hub import Hub
+from ..hub import Hub
+from ..limits import FLOOD_WINDOW, MessageLimiter, Verdict
+from ..models import Task
+from ..schemas import WsQuery
+from ..store.sqlite import Store
+from .connection import Connection
 from .keys import (
     admission_key,
     config_key,
@@ -41,10 +45,6 @@ from .keys import (
     websockets_key,
     ws_slots_key,
 )
-from .limits import FLOOD_WINDOW, MessageLimiter, Verdict
-from .models import Task
-from .schemas import WsQuery
-from .store import Store
 
 log = logging.getLogger(__name__)
 

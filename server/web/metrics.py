@@ -32,15 +32,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from . import protocol
-from .auth import bearer_token
-from .errors import Unauthorized
-from .hub import Hub
-from .jobs import JobRunner
-from .models import TaskStatus
-from .stats import ConnectionStats, Histogram, RequestStats
-from .store import Store
-from .tracker import Tracker
+from .. import protocol
+from ..auth import bearer_token
+from ..errors import Unauthorized
+from ..hub import Hub
+from ..jobs import JobRunner
+from ..models import TaskStatus
+from ..stats import ConnectionStats, Histogram, RequestStats
+from ..store.sqlite import Store
+from ..tracker import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp_cors
 from aiohttp import web
 
-from . import api, protocol, ws
-from .admission import Admission, LoopLag
-from .auth import TokenService, load_or_create_secret
-from .config import Config
-from .db import open_database
-from .errors import ApiError
-from .history import SubscriptionHistory
-from .hub import Hub
-from .jobs import JobRunner
+from .. import protocol
+from ..admission import Admission, LoopLag
+from ..auth import TokenService, load_or_create_secret
+from ..config import Config
+from ..errors import ApiError
+from ..hub import Hub
+from ..jobs import JobRunner
+from ..jobs.prices import SyntheticPriceProvider
+from ..limits import KeyedBuckets, UserSlots
+from ..retention import Retention
+from ..store.sqlite import Store
+from ..store.sqlite_db import open_database
+from ..subscription_log import SubscriptionHistory
+from ..tracker import Tracker
+from . import api, ws
 from .keys import (
     admission_key,
     config_key,
@@ -35,13 +41,8 @@ from .keys import (
     websockets_key,
     ws_slots_key,
 )
-from .limits import KeyedBuckets, UserSlots
 from .logs import log_path
 from .metrics import Metrics, metrics_handler, response_counter
-from .prices import SyntheticPriceProvider
-from .retention import Retention
-from .store import Store
-from .tracker import Tracker
 
 log = logging.getLogger(__name__)
 
