@@ -1,353 +1,599 @@
-"""Server configuration: one frozen dataclass, filled from flags and environment variables.
+"""Server configuration: one declaration per setting, from which the parser and checks come.
 
-Every flag has an environment variable (named in its help text); a flag given on the
-command line wins over the variable, the variable over the default.
+Each field of `Config` is declared once with `setting(...)`: its default, flag, environment
+variable, help text and check. `build_parser` and `from_args` read those declarations; a
+flag given on the command line wins over the variable, the variable over the default.
+The checks run in `Config.__post_init__`, so a Config built in code (tests, embedding) is
+held to the same rules as one built from flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+Check = Callable[[Any], str | None]
+Parse = Callable[[str], Any]
+
+
+class ConfigError(ValueError):
+    """A setting (or a combination of settings) that the server cannot run with."""
+
+
+# -- checks: each returns None when the value is fine, else what is wrong ----------------
+
+
+def positive(value: Any) -> str | None:
+    ok = isinstance(value, int | float) and math.isfinite(value) and value > 0
+    return None if ok else "must be a positive number"
+
+
+def non_negative(value: Any) -> str | None:
+    ok = isinstance(value, int | float) and math.isfinite(value) and value >= 0
+    return None if ok else "must be a number >= 0"
+
+
+def at_least(minimum: float) -> Check:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, int | float) and math.isfinite(value) and value >= minimum
+        return None if ok else f"must be at least {minimum:g}"
+
+    return check
+
+
+def between(low: float, high: float) -> Check:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, int | float) and low <= value <= high
+        return None if ok else f"must be between {low:g} and {high:g}"
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def min_length(n: int) -> Check:
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        return None if len(str(value).encode()) >= n else f"must be at least {n} bytes"
+
+    return check
+
+
+def _networks(value: Any) -> str | None:
+    try:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+    except (TypeError, ValueError) as exc:
+        return f"must be IP addresses or networks ({exc})"
+    return None
+
+
+# -- parsers for flag and environment text ------------------------------------------------
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip().rstrip("/") for item in text.split(",") if item.strip())
+
+
+def _upper(text: str) -> str:
+    return text.strip().upper()
+
+
+def _lower(text: str) -> str:
+    return text.strip().lower()
+
+
+def setting(
+    default: Any,
+    flag: str,
+    env: str,
+    help: str,
+    *,
+    check: Check | None = None,
+    parse: Parse | None = None,
+    shown: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare one setting: a dataclass field carrying its flag, variable, help and check."""
+    if parse is None:
+        kind = type(default)
+        parse = {int: int, float: _float, str: str, tuple: _comma_list}.get(kind, str)
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={
+            "flag": flag,
+            "env": env,
+            "help": help,
+            "check": check,
+            "parse": parse,
+            "shown": shown,
+        },
+    )
+
+
+KIB, MIB = 1024, 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Config:
     """Everything the server needs to start; tests build one directly."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    db_path: Path = Path("data/app.db")
-    #: Seconds the built-in analysis job waits between steps (tests use ~0).
-    job_step_delay: float = 1.0
-    #: HS256 secret; None: generated once and kept in a file beside the database.
-    jwt_secret: str | None = field(default=None, repr=False)
-    #: Lifetime of an access token, in seconds.
-    token_ttl: int = 3600
-    #: Origins allowed besides the server's own (exact "scheme://host[:port]").
-    allowed_origins: tuple[str, ...] = ()
-    #: Seconds of silence from a peer before the server pings it.
-    heartbeat_interval: float = 20.0
-    #: Seconds a pinged peer has to answer before it is dropped.
-    heartbeat_timeout: float = 10.0
-    #: Largest WebSocket frame a client may send, in bytes (bigger: close 1009).
-    max_frame_bytes: int = 64 * 1024
-    #: Largest HTTP request body, in bytes (bigger: 413).
-    max_body_bytes: int = 1024 * 1024
-    #: Messages a connection may have queued for sending before it is a slow consumer.
-    send_queue_messages: int = 1000
-    #: Bytes a connection may have queued (own queue + transport buffer) before it is dropped.
-    send_queue_bytes: int = 1024 * 1024
-    #: Client messages per second per connection (token bucket; 0: no limit). Protocol
-    #: pings are not counted. Over it: an error "rate_limited", the message is ignored.
-    ws_rate: float = 100.0
-    #: Messages a connection may send at once after a quiet spell (the bucket's size).
-    ws_burst: int = 500
-    #: Messages refused for the rate within 10 s that get an error; the next closes 1008.
-    ws_flood_limit: int = 100
-    #: Subscriptions per connection (0: no limit).
-    max_subscriptions: int = 100
-    #: Open WebSocket connections per user (0: no limit); one more is refused with 429.
-    max_connections_per_user: int = 10000
-    #: Most open WebSocket connections in all (0: no limit); more get 503 + Retry-After.
-    max_connections: int = 20000
-    #: New WebSocket connections get 503 + Retry-After while the event loop lags this
-    #: many seconds (smoothed; 0: never shed for lag).
-    shed_lag: float = 0.25
-    #: Progress posts per second per task (token bucket; 0: no limit); over it: 429.
-    task_rate: float = 1000.0
-    #: Progress posts a task may make at once after a quiet spell.
-    task_burst: int = 2000
-    #: SQLite synchronous mode: FULL fsyncs every commit (survives power loss), NORMAL
-    #: survives a process crash only.
-    sqlite_synchronous: str = "FULL"
-    #: Most events folded into one transaction (group commit); 1 commits each on its own.
-    commit_batch_max: int = 512
-    #: Seconds after a task finished before its history is deleted (all but its last
-    #: event); 0 keeps it forever.
-    event_retention: int = 7 * 24 * 3600
-    #: Seconds after a task finished before the task itself is deleted; 0 keeps it forever.
-    task_retention: int = 30 * 24 * 3600
-    #: Most events kept per task, the newest (running tasks too); 0 keeps them all.
-    max_events_per_task: int = 10_000
-    #: Seconds between two runs of the retention job.
-    retention_interval: float = 60.0
-    #: Seconds given to clients and writers at shutdown.
-    shutdown_timeout: float = 3.0
-    log_level: str = "INFO"
-    #: "kv" (key=value text) or "json" (one JSON object per line).
-    log_format: str = "kv"
-    #: Bearer token /metrics requires; None: /metrics is open (bind it to a private network).
-    metrics_token: str | None = field(default=None, repr=False)
+    # -- where ---------------------------------------------------------------------------
+    host: str = setting("127.0.0.1", "--host", "PROGRESS_HOST", "interface to listen on")
+    port: int = setting(8080, "--port", "PROGRESS_PORT", "TCP port", check=between(0, 65535))
+    db_path: Path = setting(
+        Path("data/app.db"),
+        "--db",
+        "PROGRESS_DB",
+        "SQLite database file (created with its folder)",
+        parse=Path,
+    )
+    # -- the built-in job ----------------------------------------------------------------
+    job_step_delay: float = setting(
+        1.0,
+        "--job-step-delay",
+        "PROGRESS_JOB_STEP_DELAY",
+        "seconds between the built-in job's steps",
+        check=non_negative,
+    )
+    max_running_jobs: int = setting(
+        64,
+        "--max-running-jobs",
+        "PROGRESS_MAX_RUNNING_JOBS",
+        "built-in jobs running at once; the rest wait as pending, in order (0 = no limit)",
+        check=non_negative,
+    )
+    max_running_jobs_per_user: int = setting(
+        8,
+        "--max-running-jobs-per-user",
+        "PROGRESS_MAX_RUNNING_JOBS_PER_USER",
+        "built-in jobs one user may have running at once (0 = no limit)",
+        check=non_negative,
+    )
+    # -- accounts and tokens -------------------------------------------------------------
+    jwt_secret: str | None = setting(
+        None,
+        "--jwt-secret",
+        "JWT_SECRET",
+        "HS256 secret, at least 32 bytes",
+        check=min_length(32),
+        shown="generated once, stored beside the database",
+        secret=True,
+    )
+    token_ttl: int = setting(
+        3600,
+        "--token-ttl",
+        "PROGRESS_TOKEN_TTL",
+        "access token lifetime in seconds",
+        check=positive,
+    )
+    session_max_age: int = setting(
+        7 * 24 * 3600,
+        "--session-max-age",
+        "PROGRESS_SESSION_MAX_AGE",
+        "seconds a login may be refreshed for, counted from the login",
+        check=positive,
+    )
+    registration: str = setting(
+        "open",
+        "--registration",
+        "PROGRESS_REGISTRATION",
+        "open: anyone may register; closed: accounts come from `run.py users add`",
+        check=one_of("open", "closed"),
+        parse=_lower,
+    )
+    password_hash_cost: int = setting(
+        19,
+        "--password-hash-cost",
+        "PROGRESS_PASSWORD_HASH_COST",
+        "argon2id memory per password hash in MiB (time cost 2, one lane; OWASP: 19)",
+        check=between(1, 1024),
+    )
+    auth_rate: float = setting(
+        20.0,
+        "--auth-rate",
+        "PROGRESS_AUTH_RATE",
+        "login and register attempts per client address per minute (0 = no limit)",
+        check=non_negative,
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "--trusted-proxies",
+        "PROGRESS_TRUSTED_PROXIES",
+        "comma-separated addresses or networks whose X-Forwarded-For is believed",
+        check=_networks,
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        "--allowed-origins",
+        "PROGRESS_ALLOWED_ORIGINS",
+        "comma-separated extra origins allowed for WebSocket and CORS",
+    )
+    # -- WebSocket connections -----------------------------------------------------------
+    heartbeat_interval: float = setting(
+        20.0,
+        "--heartbeat-interval",
+        "PROGRESS_HEARTBEAT_INTERVAL",
+        "seconds of peer silence before a ping",
+        check=positive,
+    )
+    heartbeat_timeout: float = setting(
+        10.0,
+        "--heartbeat-timeout",
+        "PROGRESS_HEARTBEAT_TIMEOUT",
+        "seconds to answer a ping before the peer is dropped",
+        check=positive,
+    )
+    max_frame_bytes: int = setting(
+        64 * KIB,
+        "--max-frame-bytes",
+        "PROGRESS_MAX_FRAME_BYTES",
+        "largest client WebSocket frame (close 1009 beyond)",
+        check=positive,
+    )
+    send_queue_messages: int = setting(
+        1000,
+        "--send-queue-messages",
+        "PROGRESS_SEND_QUEUE_MESSAGES",
+        "messages queued per connection before it is dropped as slow (4008)",
+        check=positive,
+    )
+    send_queue_bytes: int = setting(
+        MIB,
+        "--send-queue-bytes",
+        "PROGRESS_SEND_QUEUE_BYTES",
+        "bytes queued per connection before it is dropped as slow (4008)",
+        check=positive,
+    )
+    ws_rate: float = setting(
+        100.0,
+        "--ws-rate",
+        "PROGRESS_WS_RATE",
+        "client messages per second per connection (0 = no limit)",
+        check=non_negative,
+    )
+    ws_burst: int = setting(
+        500,
+        "--ws-burst",
+        "PROGRESS_WS_BURST",
+        "client messages a connection may send at once",
+        check=at_least(1),
+    )
+    ws_flood_limit: int = setting(
+        100,
+        "--ws-flood-limit",
+        "PROGRESS_WS_FLOOD_LIMIT",
+        "rate-limited messages within 10 s answered with an error; the next closes 1008",
+        check=non_negative,
+    )
+    max_subscriptions: int = setting(
+        100,
+        "--max-subscriptions",
+        "PROGRESS_MAX_SUBSCRIPTIONS",
+        "subscriptions per connection (0 = no limit)",
+        check=non_negative,
+    )
+    max_connections_per_user: int = setting(
+        64,
+        "--max-connections-per-user",
+        "PROGRESS_MAX_CONNECTIONS_PER_USER",
+        "open WebSocket connections per user on this node, more get 429 (0 = no limit)",
+        check=non_negative,
+    )
+    max_connections: int = setting(
+        20000,
+        "--max-connections",
+        "PROGRESS_MAX_CONNECTIONS",
+        "open WebSocket connections on this node, more get 503 (0 = no limit)",
+        check=non_negative,
+    )
+    shed_lag: float = setting(
+        0.25,
+        "--shed-lag",
+        "PROGRESS_SHED_LAG",
+        "event-loop lag in seconds at which new WebSockets get 503 (0 = never)",
+        check=non_negative,
+    )
+    # -- HTTP ----------------------------------------------------------------------------
+    max_body_bytes: int = setting(
+        MIB,
+        "--max-body-bytes",
+        "PROGRESS_MAX_BODY_BYTES",
+        "largest HTTP body (413 beyond)",
+        check=positive,
+    )
+    max_http_connections: int = setting(
+        24576,
+        "--max-http-connections",
+        "PROGRESS_MAX_HTTP_CONNECTIONS",
+        "open TCP connections of any kind on this node, WebSockets included; more get 503"
+        " (0 = no limit; lowered to fit the open-files limit)",
+        check=non_negative,
+    )
+    keepalive_timeout: float = setting(
+        30.0,
+        "--keepalive-timeout",
+        "PROGRESS_KEEPALIVE_TIMEOUT",
+        "seconds an idle keep-alive HTTP connection is kept open",
+        check=positive,
+    )
+    header_timeout: float = setting(
+        20.0,
+        "--header-timeout",
+        "PROGRESS_HEADER_TIMEOUT",
+        "seconds a client has to send a request's headers, and to send its body",
+        check=positive,
+    )
+    # -- task data and quotas ------------------------------------------------------------
+    max_json_bytes: int = setting(
+        64 * KIB,
+        "--max-json-bytes",
+        "PROGRESS_MAX_JSON_BYTES",
+        "largest params or result, in UTF-8 bytes of compact JSON",
+        check=at_least(1024),
+    )
+    max_json_depth: int = setting(
+        32,
+        "--max-json-depth",
+        "PROGRESS_MAX_JSON_DEPTH",
+        "deepest nesting of params or result",
+        check=between(1, 256),
+    )
+    max_unfinished_tasks_per_user: int = setting(
+        1000,
+        "--max-unfinished-tasks-per-user",
+        "PROGRESS_MAX_UNFINISHED_TASKS_PER_USER",
+        "pending or running tasks per user; one more is refused with 429 (0 = no limit)",
+        check=non_negative,
+    )
+    task_create_rate: float = setting(
+        600.0,
+        "--task-create-rate",
+        "PROGRESS_TASK_CREATE_RATE",
+        "tasks one user may create per minute, on this node (0 = no limit)",
+        check=non_negative,
+    )
+    max_stored_bytes_per_user: int = setting(
+        256 * MIB,
+        "--max-stored-bytes-per-user",
+        "PROGRESS_MAX_STORED_BYTES_PER_USER",
+        "bytes of tasks and events one user may have stored (0 = no limit)",
+        check=non_negative,
+    )
+    task_rate: float = setting(
+        1000.0,
+        "--task-rate",
+        "PROGRESS_TASK_RATE",
+        "progress posts per second per task, on this node; more get 429 (0 = no limit)",
+        check=non_negative,
+    )
+    task_burst: int = setting(
+        2000,
+        "--task-burst",
+        "PROGRESS_TASK_BURST",
+        "progress posts a task may make at once",
+        check=at_least(1),
+    )
+    # -- storage -------------------------------------------------------------------------
+    sqlite_synchronous: str = setting(
+        "FULL",
+        "--sqlite-synchronous",
+        "PROGRESS_SQLITE_SYNCHRONOUS",
+        "SQLite synchronous mode: FULL, EXTRA or NORMAL",
+        check=one_of("FULL", "NORMAL", "EXTRA"),
+        parse=_upper,
+    )
+    db_readers: int = setting(
+        4,
+        "--db-readers",
+        "PROGRESS_DB_READERS",
+        "read connections; half of them at most serve replays and long lists",
+        check=between(2, 64),
+    )
+    commit_batch_max: int = setting(
+        512,
+        "--commit-batch-max",
+        "PROGRESS_COMMIT_BATCH_MAX",
+        "most events per transaction (group commit; 1 = one transaction per event)",
+        check=at_least(1),
+    )
+    commit_queue_max: int = setting(
+        10000,
+        "--commit-queue-max",
+        "PROGRESS_COMMIT_QUEUE_MAX",
+        "writes waiting for the disk; more get 503 with Retry-After",
+        check=at_least(1),
+    )
+    # -- retention -----------------------------------------------------------------------
+    event_retention: int = setting(
+        7 * 24 * 3600,
+        "--event-retention",
+        "PROGRESS_EVENT_RETENTION",
+        "seconds a finished task keeps its event history (0 = forever)",
+        check=non_negative,
+    )
+    task_retention: int = setting(
+        30 * 24 * 3600,
+        "--task-retention",
+        "PROGRESS_TASK_RETENTION",
+        "seconds a finished task is kept before it is deleted (0 = forever)",
+        check=non_negative,
+    )
+    max_events_per_task: int = setting(
+        10_000,
+        "--max-events-per-task",
+        "PROGRESS_MAX_EVENTS_PER_TASK",
+        "most events kept per task, the newest (0 = no limit)",
+        check=non_negative,
+    )
+    retention_interval: float = setting(
+        60.0,
+        "--retention-interval",
+        "PROGRESS_RETENTION_INTERVAL",
+        "seconds between runs of the retention job",
+        check=positive,
+    )
+    # -- operations ----------------------------------------------------------------------
+    shutdown_timeout: float = setting(
+        3.0,
+        "--shutdown-timeout",
+        "PROGRESS_SHUTDOWN_TIMEOUT",
+        "seconds given to clients and writers at shutdown",
+        check=non_negative,
+    )
+    log_level: str = setting(
+        "INFO",
+        "--log-level",
+        "PROGRESS_LOG_LEVEL",
+        "DEBUG, INFO, WARNING or ERROR",
+        check=one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        parse=_upper,
+    )
+    log_format: str = setting(
+        "kv",
+        "--log-format",
+        "PROGRESS_LOG_FORMAT",
+        "kv (key=value lines) or json",
+        check=one_of("kv", "json"),
+        parse=_lower,
+    )
+    metrics_token: str | None = setting(
+        None,
+        "--metrics-token",
+        "PROGRESS_METRICS_TOKEN",
+        "bearer token required by GET /metrics, at least 16 characters",
+        check=min_length(16),
+        shown="none: /metrics is open",
+        secret=True,
+    )
+    # -- not settings: where the server finds its files ---------------------------------
     migrations_dir: Path = field(default=PROJECT_ROOT / "migrations" / "sqlite")
     static_dir: Path = field(default=PROJECT_ROOT / "static")
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{f.metadata['flag']} ({f.metadata['env']}) {problem}"
+            for f in settings()
+            if f.metadata["check"] is not None
+            and (problem := f.metadata["check"](getattr(self, f.name))) is not None
+        ]
+        problems += _check_together(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @property
     def secret_path(self) -> Path:
         """Where a generated JWT secret is kept (beside the database)."""
         return self.db_path.parent / (self.db_path.name + ".jwt-secret")
 
-
-def _flag_specs() -> list[tuple[str, str, type, str]]:
-    """(flag, environment variable, type, help) for every setting."""
-    return [
-        ("--host", "PROGRESS_HOST", str, "interface to listen on"),
-        ("--port", "PROGRESS_PORT", int, "TCP port"),
-        ("--db", "PROGRESS_DB", str, "SQLite database file (created with its folder)"),
-        (
-            "--job-step-delay",
-            "PROGRESS_JOB_STEP_DELAY",
-            float,
-            "seconds between the built-in job's steps",
-        ),
-        (
-            "--jwt-secret",
-            "JWT_SECRET",
-            str,
-            "HS256 secret (default: generated once, stored beside the database)",
-        ),
-        ("--token-ttl", "PROGRESS_TOKEN_TTL", int, "access token lifetime in seconds"),
-        (
-            "--allowed-origins",
-            "PROGRESS_ALLOWED_ORIGINS",
-            str,
-            "comma-separated extra origins allowed for WebSocket and CORS",
-        ),
-        (
-            "--heartbeat-interval",
-            "PROGRESS_HEARTBEAT_INTERVAL",
-            float,
-            "seconds of peer silence before a ping",
-        ),
-        (
-            "--heartbeat-timeout",
-            "PROGRESS_HEARTBEAT_TIMEOUT",
-            float,
-            "seconds to answer a ping before the peer is dropped",
-        ),
-        (
-            "--max-frame-bytes",
-            "PROGRESS_MAX_FRAME_BYTES",
-            int,
-            "largest client WebSocket frame (close 1009 beyond)",
-        ),
-        ("--max-body-bytes", "PROGRESS_MAX_BODY_BYTES", int, "largest HTTP body (413 beyond)"),
-        (
-            "--send-queue-messages",
-            "PROGRESS_SEND_QUEUE_MESSAGES",
-            int,
-            "messages queued per connection before it is dropped as slow (4008)",
-        ),
-        (
-            "--send-queue-bytes",
-            "PROGRESS_SEND_QUEUE_BYTES",
-            int,
-            "bytes queued per connection before it is dropped as slow (4008)",
-        ),
-        (
-            "--ws-rate",
-            "PROGRESS_WS_RATE",
-            float,
-            "client messages per second per connection (0 = no limit)",
-        ),
-        ("--ws-burst", "PROGRESS_WS_BURST", int, "client messages a connection may send at once"),
-        (
-            "--ws-flood-limit",
-            "PROGRESS_WS_FLOOD_LIMIT",
-            int,
-            "rate-limited messages within 10 s answered with an error; the next closes 1008",
-        ),
-        (
-            "--max-subscriptions",
-            "PROGRESS_MAX_SUBSCRIPTIONS",
-            int,
-            "subscriptions per connection (0 = no limit)",
-        ),
-        (
-            "--max-connections-per-user",
-            "PROGRESS_MAX_CONNECTIONS_PER_USER",
-            int,
-            "open WebSocket connections per user, more get 429 (0 = no limit)",
-        ),
-        (
-            "--max-connections",
-            "PROGRESS_MAX_CONNECTIONS",
-            int,
-            "open WebSocket connections in all, more get 503 (0 = no limit)",
-        ),
-        (
-            "--shed-lag",
-            "PROGRESS_SHED_LAG",
-            float,
-            "event-loop lag in seconds at which new WebSockets get 503 (0 = never)",
-        ),
-        (
-            "--task-rate",
-            "PROGRESS_TASK_RATE",
-            float,
-            "progress posts per second per task, more get 429 (0 = no limit)",
-        ),
-        ("--task-burst", "PROGRESS_TASK_BURST", int, "progress posts a task may make at once"),
-        (
-            "--sqlite-synchronous",
-            "PROGRESS_SQLITE_SYNCHRONOUS",
-            str,
-            "SQLite synchronous mode: FULL or NORMAL",
-        ),
-        (
-            "--commit-batch-max",
-            "PROGRESS_COMMIT_BATCH_MAX",
-            int,
-            "most events per transaction (group commit; 1 = one transaction per event)",
-        ),
-        (
-            "--event-retention",
-            "PROGRESS_EVENT_RETENTION",
-            int,
-            "seconds a finished task keeps its event history (0 = forever)",
-        ),
-        (
-            "--task-retention",
-            "PROGRESS_TASK_RETENTION",
-            int,
-            "seconds a finished task is kept before it is deleted (0 = forever)",
-        ),
-        (
-            "--max-events-per-task",
-            "PROGRESS_MAX_EVENTS_PER_TASK",
-            int,
-            "most events kept per task, the newest (0 = no limit)",
-        ),
-        (
-            "--retention-interval",
-            "PROGRESS_RETENTION_INTERVAL",
-            float,
-            "seconds between runs of the retention job",
-        ),
-        (
-            "--shutdown-timeout",
-            "PROGRESS_SHUTDOWN_TIMEOUT",
-            float,
-            "seconds given to clients and writers at shutdown",
-        ),
-        ("--log-level", "PROGRESS_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
-        ("--log-format", "PROGRESS_LOG_FORMAT", str, "kv (key=value lines) or json"),
-        (
-            "--metrics-token",
-            "PROGRESS_METRICS_TOKEN",
-            str,
-            "bearer token required by GET /metrics (default: open)",
-        ),
-    ]
+    @property
+    def lock_path(self) -> Path:
+        """The single-instance lock file beside the database."""
+        return self.db_path.parent / (self.db_path.name + ".lock")
 
 
-_FIELD_FOR_FLAG = {"db": "db_path"}
+def _check_together(config: Config) -> list[str]:
+    """Checks that involve more than one setting."""
+    problems = []
+    if config.max_http_connections and config.max_connections > config.max_http_connections:
+        problems.append(
+            "--max-connections must not exceed --max-http-connections (WebSockets are"
+            " TCP connections too)"
+        )
+    if config.max_http_connections and config.max_connections == 0:
+        problems.append("--max-connections 0 (no limit) needs --max-http-connections 0 too")
+    return problems
+
+
+def settings() -> list[dataclasses.Field[Any]]:
+    """The declared settings (fields with a flag), in declaration order."""
+    return [f for f in dataclasses.fields(Config) if "flag" in f.metadata]
+
+
+def flags() -> list[tuple[str, str]]:
+    """(flag, environment variable) of every setting."""
+    return [(f.metadata["flag"], f.metadata["env"]) for f in settings()]
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    if f.metadata["shown"] is not None:
+        return str(f.metadata["shown"])
+    default = f.default
+    if isinstance(default, tuple):
+        return ",".join(default) or "none"
+    return "none" if default is None else str(default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser; defaults are filled in by from_args, not here."""
-    defaults = Config()
+    """The command-line parser; every flag defaults to None (from_args fills the rest)."""
     parser = argparse.ArgumentParser(
         prog="run.py",
         description="Real-time task-progress server (aiohttp + SQLite).",
+        epilog="Commands: `run.py users add|remove|list` manages accounts (see --help there).",
     )
-    for flag, env, kind, help_text in _flag_specs():
-        dest = flag[2:].replace("-", "_")
-        default = getattr(defaults, _FIELD_FOR_FLAG.get(dest, dest))
-        if isinstance(default, tuple):
-            default = ",".join(default) or "none"
-        if default is None:
-            default = "generated" if dest == "jwt_secret" else "none"
-        shown = default
+    for f in settings():
+        meta = f.metadata
         parser.add_argument(
-            flag,
-            dest=dest,
-            type=kind,
+            meta["flag"],
+            dest=f.name,
+            type=meta["parse"],
             default=None,
-            help=f"{help_text} [env {env}, default {shown}]",
+            help=f"{meta['help']} [env {meta['env']}, default {_shown_default(f)}]",
         )
     return parser
 
 
 def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Build a Config from command-line flags, then environment variables, then defaults."""
+    """Build a Config from command-line flags, then environment variables, then defaults.
+
+    Exits with a usage error (status 2) naming the flag for a value that does not parse or
+    does not pass its check.
+    """
     env = os.environ if env is None else env
     parser = build_parser()
     args = parser.parse_args(argv)
-    values: dict[str, object] = {}
-    for flag, env_name, kind, _ in _flag_specs():
-        dest = flag[2:].replace("-", "_")
-        raw = getattr(args, dest)
-        if raw is None and env.get(env_name, "") != "":
+    return config_from(parser, vars(args), env)
+
+
+def config_from(
+    parser: argparse.ArgumentParser, given: Mapping[str, Any], env: Mapping[str, str]
+) -> Config:
+    """The Config for parsed flags `given` (None: not given) and `env`; errors via parser."""
+    values: dict[str, Any] = {}
+    for f in settings():
+        meta = f.metadata
+        value = given.get(f.name)
+        if value is None and env.get(meta["env"], "") != "":
             try:
-                raw = kind(env.get(env_name))
-            except ValueError:
-                parser.error(f"environment variable {env_name} is not a valid {kind.__name__}")
-        if raw is not None:
-            values[_FIELD_FOR_FLAG.get(dest, dest)] = raw
-    if "db_path" in values:
-        values["db_path"] = Path(str(values["db_path"]))
-    if "allowed_origins" in values:
-        values["allowed_origins"] = tuple(
-            o.strip().rstrip("/") for o in str(values["allowed_origins"]).split(",") if o.strip()
-        )
-    sync = str(values.get("sqlite_synchronous", "FULL")).upper()
-    if sync not in ("FULL", "NORMAL", "EXTRA"):
-        parser.error("--sqlite-synchronous must be FULL, NORMAL or EXTRA")
-    values["sqlite_synchronous"] = sync
-    if "log_format" in values:
-        values["log_format"] = str(values["log_format"]).lower()
-    config = Config(**values)  # type: ignore[arg-type]
-    if config.heartbeat_interval <= 0 or config.heartbeat_timeout <= 0:
-        parser.error("heartbeat interval and timeout must be positive")
-    if config.job_step_delay < 0:
-        parser.error("--job-step-delay must not be negative")
-    # Caught here as usage errors, not as tracebacks from deep inside the start-up.
-    if not 0 <= config.port <= 65535:
-        parser.error("--port must be between 0 and 65535")
-    if config.jwt_secret is not None and len(config.jwt_secret.encode()) < 32:
-        parser.error("--jwt-secret (JWT_SECRET) must be at least 32 bytes")
-    for name in (
-        "commit_batch_max",
-        "token_ttl",
-        "max_frame_bytes",
-        "max_body_bytes",
-        "send_queue_messages",
-    ):
-        if getattr(config, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("event_retention", "task_retention", "max_events_per_task"):
-        if getattr(config, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative (0 = keep forever)")
-    if not config.retention_interval > 0:
-        parser.error("--retention-interval must be positive")
-    if config.send_queue_bytes <= 0 or config.shutdown_timeout < 0:
-        parser.error("--send-queue-bytes must be positive, --shutdown-timeout not negative")
-    for name in ("ws_rate", "task_rate"):
-        if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
-            parser.error(f"--{name.replace('_', '-')} must be a number >= 0 (0 = no limit)")
-    for name in ("ws_burst", "task_burst"):
-        if getattr(config, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not (math.isfinite(config.shed_lag) and config.shed_lag >= 0):
-        parser.error("--shed-lag must be a number >= 0 (0 = never)")
-    for name in (
-        "ws_flood_limit",
-        "max_subscriptions",
-        "max_connections_per_user",
-        "max_connections",
-    ):
-        if getattr(config, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
-    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        parser.error("--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    if config.log_format not in ("kv", "json"):
-        parser.error("--log-format must be kv or json")
-    if config.metrics_token is not None and len(config.metrics_token) < 16:
-        parser.error("--metrics-token must be at least 16 characters")
-    return config
+                value = meta["parse"](env[meta["env"]])
+            except (TypeError, ValueError):
+                parser.error(f"environment variable {meta['env']} is not valid for {meta['flag']}")
+        if value is not None:
+            values[f.name] = value
+    try:
+        return Config(**values)
+    except ConfigError as exc:
+        parser.error(str(exc))

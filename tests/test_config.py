@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import PROJECT_ROOT, Config, _flag_specs, build_parser, from_args
+from server.config import PROJECT_ROOT, Config, ConfigError, build_parser, flags, from_args
 
 from .helpers import SECRET
 
@@ -98,7 +98,7 @@ def test_empty_environment_variable_is_ignored() -> None:
 def test_every_flag_has_an_environment_variable() -> None:
     """Each flag's help names its environment variable."""
     text = build_parser().format_help()
-    for flag, env_name, _, _ in _flag_specs():
+    for flag, env_name in flags():
         assert flag in text and env_name in text
 
 
@@ -125,6 +125,12 @@ def test_secret_path_is_beside_the_database() -> None:
         (["--token-ttl", "0"], {}),
         (["--max-frame-bytes", "0"], {}),
         (["--log-level", "LOUD"], {}),
+        (["--heartbeat-interval", "nan"], {}),
+        (["--shutdown-timeout", "inf"], {}),
+        ([], {"PROGRESS_KEEPALIVE_TIMEOUT": "NaN"}),
+        (["--registration", "maybe"], {}),
+        (["--trusted-proxies", "not-an-address"], {}),
+        (["--max-connections", "30000", "--max-http-connections", "20000"], {}),
         (["--no-such-flag"], {}),
     ],
 )
@@ -172,3 +178,20 @@ def test_bad_retention_values_are_usage_errors(
         from_args(argv, env={})
     assert exc_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"heartbeat_interval": float("nan")},
+        {"shutdown_timeout": float("inf")},
+        {"port": 70000},
+        {"jwt_secret": "short"},
+        {"max_json_depth": 0},
+        {"registration": "sometimes"},
+    ],
+)
+def test_a_config_built_in_code_is_checked_too(changes: dict[str, object]) -> None:
+    """The same checks hold for a Config made without flags (tests, embedding)."""
+    with pytest.raises(ConfigError):
+        Config(**changes)  # type: ignore[arg-type]

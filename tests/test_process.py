@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server.config import _flag_specs
+from server.config import flags
 
 from .helpers import PASSWORD, SECRET, TIMEOUT
 from .server_process import RUN_PY, ServerProcess, api, clean_env
@@ -439,7 +439,7 @@ def test_help_lists_every_flag() -> None:
     assert done.returncode == 0, done.stderr
     for flag in ("--host", "--port", "--db", "--job-step-delay", "--jwt-secret"):
         assert flag in done.stdout
-    for flag, env_name, _, _ in _flag_specs():
+    for flag, env_name in flags():
         assert flag in done.stdout
         assert env_name in done.stdout
 
