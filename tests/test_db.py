@@ -12,6 +12,7 @@ import pytest
 from server.config import PROJECT_ROOT
 from server.store.sqlite_db import DatabaseError, apply_migrations, open_database
 
+PRAGMAS = ("journal_mode", "foreign_keys", "synchronous")
 MIGRATIONS = PROJECT_ROOT / "migrations" / "sqlite"
 #: (version, name) of every shipped migration, in order.
 SHIPPED = [(int(f.name[:4]), f.stem[5:]) for f in sorted(MIGRATIONS.glob("*.sql"))]
@@ -44,8 +45,8 @@ async def test_creates_folder_and_applies_migrations_once(tmp_path: Path) -> Non
     path = tmp_path / "new" / "dir" / "app.db"
     db = await open_database(path, MIGRATIONS)
     try:
-        async with db.reader.execute("SELECT name FROM sqlite_master WHERE type = 'table'") as cur:
-            tables = {row[0] for row in await cur.fetchall()}
+        rows = await db.fetch("SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = {row[0] for row in rows}
     finally:
         await db.close()
     assert {"users", "tasks", "task_events", "subscriptions", "schema_migrations"} <= tables
@@ -55,7 +56,9 @@ async def test_creates_folder_and_applies_migrations_once(tmp_path: Path) -> Non
 
     db = await open_database(path, MIGRATIONS)
     try:
-        assert await apply_migrations(db.writer, MIGRATIONS) == []
+        assert (
+            await db.writer.run(lambda c: apply_migrations(c, MIGRATIONS), transaction=False) == []
+        )
     finally:
         await db.close()
     assert _versions(path) == first  # same row, same applied_at
@@ -71,25 +74,28 @@ async def test_new_migration_is_applied_on_next_open(tmp_path: Path) -> None:
     (migrations / "0900_notes.sql").write_text("CREATE TABLE notes (id INTEGER PRIMARY KEY);\n")
     db = await open_database(path, migrations)
     try:
-        assert await apply_migrations(db.writer, migrations) == []
-        async with db.reader.execute("SELECT count(*) FROM notes") as cur:
-            assert (await cur.fetchone())[0] == 0
+        assert (
+            await db.writer.run(lambda c: apply_migrations(c, migrations), transaction=False) == []
+        )
+        assert (await db.fetch("SELECT count(*) FROM notes"))[0][0] == 0
     finally:
         await db.close()
     assert [v for v, _, _ in _versions(path)] == [*SHIPPED_VERSIONS, 900]
 
 
 async def test_wal_mode_and_pragmas(tmp_path: Path) -> None:
-    """Both connections run in WAL mode with foreign keys on and the chosen synchronous level."""
+    """The writer and the readers run in WAL mode with foreign keys on; the writer at the
+    chosen synchronous level."""
     db = await open_database(tmp_path / "app.db", MIGRATIONS, synchronous="NORMAL")
+
+    def pragmas(conn: sqlite3.Connection) -> tuple[str, int, int]:
+        return tuple(conn.execute(f"PRAGMA {name}").fetchone()[0] for name in PRAGMAS)
+
     try:
-        for conn in (db.writer, db.reader):
-            async with conn.execute("PRAGMA journal_mode") as cur:
-                assert (await cur.fetchone())[0] == "wal"
-            async with conn.execute("PRAGMA foreign_keys") as cur:
-                assert (await cur.fetchone())[0] == 1
-            async with conn.execute("PRAGMA synchronous") as cur:
-                assert (await cur.fetchone())[0] == 1  # NORMAL
+        assert await db.writer.run(pragmas, transaction=False) == ("wal", 1, 1)  # 1: NORMAL
+        for _ in range(db.readers.size):
+            got = [(await db.fetch(f"PRAGMA {name}"))[0][0] for name in PRAGMAS[:2]]
+            assert got == ["wal", 1]
     finally:
         await db.close()
 
@@ -179,8 +185,7 @@ async def test_new_database_uses_incremental_auto_vacuum(tmp_path: Path) -> None
     db = await open_database(path, MIGRATIONS)
     try:
         assert await db.auto_vacuum_mode() == 2
-        async with db.reader.execute("PRAGMA freelist_count") as cur:
-            assert (await cur.fetchone())[0] == await db.free_pages() == 0
+        assert (await db.fetch("PRAGMA freelist_count"))[0][0] == await db.free_pages() == 0
     finally:
         await db.close()
 

@@ -153,10 +153,8 @@ async def test_trimmed_history_gives_unrecovered_snapshot(client):
     for pct in (10, 20, 30):
         await post_progress(client, token, task_id, pct)  # seqs 2..5
     db = client.app[db_key]
-    async with db.write_lock:  # simulate a retention policy that dropped seqs 1..3
-        await db.writer.execute(
-            "DELETE FROM task_events WHERE task_id = ? AND seq <= 3", (task_id,)
-        )
+    # Simulate a retention policy that dropped seqs 1..3.
+    await db.execute("DELETE FROM task_events WHERE task_id = ? AND seq <= 3", (task_id,))
     ws = await ws_connect(client, token)
     await ws.send_json({"action": "subscribe", "task_id": task_id, "last_seq": 2, "id": "r"})
     snapshot = await receive_json(ws)

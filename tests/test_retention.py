@@ -75,26 +75,23 @@ async def add_progress(app: web.Application, task_id: str, count: int, **extra: 
 
 
 async def stored_seqs(app: web.Application, task_id: str) -> list[int]:
-    async with app[db_key].reader.execute(
+    rows = await app[db_key].fetch(
         "SELECT seq FROM task_events WHERE task_id = ? ORDER BY seq", (task_id,)
-    ) as cur:
-        return [row[0] for row in await cur.fetchall()]
+    )
+    return [row[0] for row in rows]
 
 
 async def count_rows(app: web.Application, table: str, task_id: str) -> int:
     column = "id" if table == "tasks" else "task_id"
-    async with app[db_key].reader.execute(
-        f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (task_id,)
-    ) as cur:
-        return (await cur.fetchone())[0]
+    rows = await app[db_key].fetch(f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (task_id,))
+    return rows[0][0]
 
 
 async def backdate(app: web.Application, task_id: str, age: timedelta) -> None:
     """Pretend a finished task finished `age` ago."""
     when = (datetime.now(UTC) - age).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     db = app[db_key]
-    async with db.write_lock:
-        await db.writer.execute("UPDATE tasks SET finished_at = ? WHERE id = ?", (when, task_id))
+    await db.execute("UPDATE tasks SET finished_at = ? WHERE id = ?", (when, task_id))
 
 
 async def finish(client: TestClient, token: str, task_id: str, how: str = "complete") -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiosqlite
 import pytest
 
 from server.config import PROJECT_ROOT
@@ -17,20 +18,24 @@ async def db(tmp_path):
     await db.close()
 
 
-async def test_an_active_statement_freezes_the_readers_snapshot(db):
+async def test_an_active_statement_freezes_a_readers_snapshot(tmp_path, db):
     """Why reads must not leave statements open: SQLite keeps the snapshot while one is active."""
     store = Store(db)
     await store.create_user("u", "x", "t")
     tracker = Tracker(store)
     tracker.start()
+    reader = await aiosqlite.connect(tmp_path / "s.db")
     try:
         task = await tracker.create_task(1, "k", {})
-        held = await db.reader.execute("SELECT seq FROM task_events")  # left active
+        held = await reader.execute("SELECT seq FROM task_events")  # left active
         await tracker.report_progress(task.id, Progress(5))
-        assert (await store.get_task(task.id)).seq == 1  # the old snapshot
+        sql = "SELECT seq FROM tasks WHERE id = ?"
+        assert (await reader.execute_fetchall(sql, (task.id,)))[0][0] == 1  # the old snapshot
         await held.close()
+        assert (await reader.execute_fetchall(sql, (task.id,)))[0][0] == 3
         assert (await store.get_task(task.id)).seq == 3
     finally:
+        await reader.close()
         await tracker.stop()
 
 
@@ -46,8 +51,9 @@ async def test_reads_never_leave_a_statement_open(db, monkeypatch):
         def no_cursor(*args, **kwargs):
             raise AssertionError("reader query not fetched in one call")
 
-        monkeypatch.setattr(db.reader, "execute", no_cursor)
-        monkeypatch.setattr(db.reader, "cursor", no_cursor)
+        for reader in db.readers._conns:
+            monkeypatch.setattr(reader, "execute", no_cursor)
+            monkeypatch.setattr(reader, "cursor", no_cursor)
         assert (await store.get_task(task.id)).seq == 1
         assert await store.get_user(1) is not None
         assert await store.find_credentials("u") is not None

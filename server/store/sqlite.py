@@ -9,8 +9,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from ..models import Event, EventType, Task, TaskStatus, User
 from .sqlite_db import Database
 
@@ -171,7 +169,9 @@ class Store:
         self._db = db
 
     @asynccontextmanager
-    async def _query(self, sql: str, args: Sequence[Any] = ()) -> AsyncIterator[_Rows]:
+    async def _query(
+        self, sql: str, args: Sequence[Any] = (), *, bulk: bool = False
+    ) -> AsyncIterator[_Rows]:
         """Run a read and fetch all its rows in one call on the reader's thread.
 
         Why one call: with execute and fetch as separate calls, the statements of concurrent
@@ -181,21 +181,25 @@ class Store:
         than events already published to others (a gap in its stream). Stepped to the end
         in one call, each query starts from the latest commit.
         """
-        yield _Rows(await self._db.reader.execute_fetchall(sql, args))
+        yield _Rows(await self._db.fetch(sql, args, bulk=bulk))
 
     # -- users ---------------------------------------------------------------------------
 
     async def create_user(self, username: str, password_hash: str, created_at: str) -> User:
         """Insert a user. Raises UsernameTaken."""
-        async with self._db.write_lock:
-            try:
-                cur = await self._db.writer.execute(
-                    "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
-                    (username, password_hash, created_at),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise UsernameTaken(username) from exc
-            return User(id=cur.lastrowid or 0, username=username)
+
+        def insert(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
+                (username, password_hash, created_at),
+            )
+            return cur.lastrowid or 0
+
+        try:
+            user_id = await self._db.write(insert)
+        except sqlite3.IntegrityError as exc:
+            raise UsernameTaken(username) from exc
+        return User(id=user_id, username=username)
 
     async def find_credentials(self, username: str) -> tuple[User, str] | None:
         """The user and their password hash, or None."""
@@ -216,10 +220,13 @@ class Store:
 
     async def get_task(self, task_id: str, *, for_write: bool = False) -> Task | None:
         """A task by id; `for_write` reads through the writer (call it holding no lock)."""
-        conn = self._db.writer if for_write else self._db.reader
-        rows = await conn.execute_fetchall(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
-        )
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?"
+        if for_write:
+            rows = await self._db.writer.run(
+                lambda conn: conn.execute(sql, (task_id,)).fetchall(), transaction=False
+            )
+        else:
+            rows = await self._db.fetch(sql, (task_id,))
         return _task_from_row(rows[0]) if rows else None
 
     async def list_tasks(
@@ -282,53 +289,49 @@ class Store:
         new_tasks = [w.task for w in writes if w.is_new]
         changed = [w.task for w in writes if not w.is_new]
         events = [e for w in writes for e in w.events]
-        async with self._db.write_lock:
-            conn = self._db.writer
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                if new_tasks:
-                    await conn.executemany(
-                        f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
-                        " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [
-                            (
-                                t.id,
-                                t.user_id,
-                                t.kind,
-                                json.dumps(t.params),
-                                t.status.value,
-                                t.progress,
-                                t.step,
-                                t.message,
-                                _json_or_none(t.result),
-                                t.error,
-                                t.seq,
-                                _json_or_none(t.checkpoint),
-                                t.created_at,
-                                t.updated_at,
-                                t.started_at,
-                                t.finished_at,
-                            )
-                            for t in new_tasks
-                        ],
-                    )
-                if changed:
-                    await conn.executemany(
-                        "UPDATE tasks SET status = ?, progress = ?, step = ?, message = ?,"
-                        " result = ?, error = ?, seq = ?, checkpoint = ?, updated_at = ?,"
-                        " started_at = ?, finished_at = ? WHERE id = ?",
-                        [_task_params(t) for t in changed],
-                    )
-                if events:
-                    await conn.executemany(
-                        f"INSERT INTO task_events ({_EVENT_COLUMNS})"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [_event_params(e) for e in events],
-                    )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await _rollback(conn)
-                raise
+
+        def transaction(conn: sqlite3.Connection) -> None:
+            if new_tasks:
+                conn.executemany(
+                    f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
+                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            t.id,
+                            t.user_id,
+                            t.kind,
+                            json.dumps(t.params),
+                            t.status.value,
+                            t.progress,
+                            t.step,
+                            t.message,
+                            _json_or_none(t.result),
+                            t.error,
+                            t.seq,
+                            _json_or_none(t.checkpoint),
+                            t.created_at,
+                            t.updated_at,
+                            t.started_at,
+                            t.finished_at,
+                        )
+                        for t in new_tasks
+                    ],
+                )
+            if changed:
+                conn.executemany(
+                    "UPDATE tasks SET status = ?, progress = ?, step = ?, message = ?,"
+                    " result = ?, error = ?, seq = ?, checkpoint = ?, updated_at = ?,"
+                    " started_at = ?, finished_at = ? WHERE id = ?",
+                    [_task_params(t) for t in changed],
+                )
+            if events:
+                conn.executemany(
+                    f"INSERT INTO task_events ({_EVENT_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_event_params(e) for e in events],
+                )
+
+        await self._db.write(transaction)
 
     # -- subscription history ------------------------------------------------------------
 
@@ -341,34 +344,28 @@ class Store:
         closed subscriptions in one transaction."""
         if not opened and not closed:
             return
-        async with self._db.write_lock:
-            conn = self._db.writer
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                if opened:
-                    await conn.executemany(
-                        "INSERT INTO subscriptions (connection_id, user_id, task_id, subscribed_at)"
-                        " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?3)",
-                        opened,
-                    )
-                if closed:
-                    await conn.executemany(
-                        "UPDATE subscriptions SET unsubscribed_at = ?3"
-                        " WHERE connection_id = ?1 AND task_id = ?2 AND unsubscribed_at IS NULL",
-                        closed,
-                    )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await _rollback(conn)
-                raise
+
+        def transaction(conn: sqlite3.Connection) -> None:
+            if opened:
+                conn.executemany(
+                    "INSERT INTO subscriptions (connection_id, user_id, task_id, subscribed_at)"
+                    " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?3)",
+                    opened,
+                )
+            if closed:
+                conn.executemany(
+                    "UPDATE subscriptions SET unsubscribed_at = ?3"
+                    " WHERE connection_id = ?1 AND task_id = ?2 AND unsubscribed_at IS NULL",
+                    closed,
+                )
+
+        await self._db.write(transaction)
 
     async def close_open_subscriptions(self, at: str) -> int:
         """Mark every still-open subscription closed (at startup: no connection survived)."""
-        async with self._db.write_lock:
-            cur = await self._db.writer.execute(
-                "UPDATE subscriptions SET unsubscribed_at = ? WHERE unsubscribed_at IS NULL", (at,)
-            )
-            return cur.rowcount
+        return await self._db.execute(
+            "UPDATE subscriptions SET unsubscribed_at = ? WHERE unsubscribed_at IS NULL", (at,)
+        )
 
     async def list_subscriptions(self, user_id: int, limit: int) -> list[SubscriptionRecord]:
         """A user's subscription history, newest first."""
@@ -459,29 +456,21 @@ class Store:
         """
         if not ranges:
             return 0
-        async with self._db.write_lock:
-            conn = self._db.writer
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                cur = await conn.executemany(
+        return await self._db.write(
+            lambda conn: (
+                conn.executemany(
                     "DELETE FROM task_events WHERE task_id = ? AND seq BETWEEN ? AND ?", ranges
-                )
-                deleted = cur.rowcount
-                await conn.execute("COMMIT")
-            except BaseException:
-                await _rollback(conn)
-                raise
-        return deleted
+                ).rowcount
+            )
+        )
 
     async def delete_subscriptions_of(self, task_id: str, limit: int) -> int:
         """Delete up to `limit` subscription rows of one task; returns how many."""
-        async with self._db.write_lock:
-            cur = await self._db.writer.execute(
-                "DELETE FROM subscriptions WHERE id IN"
-                " (SELECT id FROM subscriptions WHERE task_id = ? LIMIT ?)",
-                (task_id, limit),
-            )
-            return cur.rowcount
+        return await self._db.execute(
+            "DELETE FROM subscriptions WHERE id IN"
+            " (SELECT id FROM subscriptions WHERE task_id = ? LIMIT ?)",
+            (task_id, limit),
+        )
 
     async def delete_finished_tasks(self, task_ids: Sequence[str]) -> tuple[int, int, int]:
         """Delete finished tasks with their events and subscription rows, in one transaction.
@@ -491,27 +480,22 @@ class Store:
         """
         if not task_ids:
             return 0, 0, 0
-        async with self._db.write_lock:
-            conn = self._db.writer
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                async with conn.execute(
+
+        def transaction(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            ids = [
+                (row[0],)
+                for row in conn.execute(
                     "SELECT id FROM tasks WHERE finished_at IS NOT NULL"
                     f" AND id IN ({','.join('?' * len(task_ids))})",
                     list(task_ids),
-                ) as cur:
-                    ids = [(row[0],) for row in await cur.fetchall()]
-                counts = []
-                for table in ("task_events", "subscriptions"):
-                    cur = await conn.executemany(f"DELETE FROM {table} WHERE task_id = ?", ids)
-                    counts.append(cur.rowcount)
-                cur = await conn.executemany("DELETE FROM tasks WHERE id = ?", ids)
-                tasks = cur.rowcount
-                await conn.execute("COMMIT")
-            except BaseException:
-                await _rollback(conn)
-                raise
-        return tasks, counts[0], counts[1]
+                )
+            ]
+            events = conn.executemany("DELETE FROM task_events WHERE task_id = ?", ids).rowcount
+            subs = conn.executemany("DELETE FROM subscriptions WHERE task_id = ?", ids).rowcount
+            tasks = conn.executemany("DELETE FROM tasks WHERE id = ?", ids).rowcount
+            return tasks, events, subs
+
+        return await self._db.write(transaction)
 
 
 def _span_from_row(row: sqlite3.Row) -> EventSpan:
@@ -522,11 +506,3 @@ def _span_from_row(row: sqlite3.Row) -> EventSpan:
         first_kept=row["first_kept"],
         subscriptions=row["subscriptions"],
     )
-
-
-async def _rollback(conn: aiosqlite.Connection) -> None:
-    if conn.in_transaction:
-        try:
-            await conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass

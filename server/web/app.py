@@ -127,7 +127,9 @@ async def index(request: web.Request) -> web.FileResponse:
 
 def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def services(app: web.Application) -> AsyncIterator[None]:
-        db = await open_database(config.db_path, config.migrations_dir, config.sqlite_synchronous)
+        db = await open_database(
+            config.db_path, config.migrations_dir, config.sqlite_synchronous, config.db_readers
+        )
         store = Store(db)
         tracker = Tracker(store, max_batch=config.commit_batch_max)
         hub = Hub(encode=protocol.event_message)
