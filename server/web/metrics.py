@@ -38,6 +38,7 @@ from ..errors import Unauthorized
 from ..hub import Hub
 from ..jobs import JobRunner
 from ..models import TaskStatus
+from ..refusals import Refusals
 from ..stats import ConnectionStats, Histogram, RequestStats
 from ..store.sqlite import Store
 from ..tracker import Tracker
@@ -96,6 +97,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         #: Bumped by the HTTP middlewares.
         self.requests = RequestStats()
+        #: Everything shed or refused, by reason (rates, quotas, full queues, ...).
+        self.refusals = Refusals()
         #: Shared by every WebSocket connection of the app.
         self.connections = ConnectionStats()
         self._db_path = db_path
@@ -170,6 +173,14 @@ class ProgressCollector:
     def collect(self) -> Iterator[Metric]:
         m = self._m
         yield from self._http(m.requests)
+        refused = CounterMetricFamily(
+            "progress_refused",
+            "Requests and connections refused or shed, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(m.refusals.counts.items()):
+            refused.add_metric([reason], n)
+        yield refused
         yield from self._connections(m.connections)
         if m.hub is not None:
             yield from self._hub(m.hub)
