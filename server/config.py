@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .budget import largest_message_bytes
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 Check = Callable[[Any], str | None]
@@ -352,7 +354,7 @@ class Config:
         64 * KIB,
         "--max-json-bytes",
         "PROGRESS_MAX_JSON_BYTES",
-        "largest params or result, in UTF-8 bytes of compact JSON",
+        "largest params, result or progress message, in UTF-8 bytes of its wire form",
         check=at_least(1024),
     )
     max_json_depth: int = setting(
@@ -522,6 +524,13 @@ def _check_together(config: Config) -> list[str]:
         problems.append(
             "--max-connections must not exceed --max-http-connections (WebSockets are"
             " TCP connections too)"
+        )
+    largest = largest_message_bytes(config.max_json_bytes)
+    if largest > config.send_queue_bytes:
+        problems.append(
+            f"--send-queue-bytes ({config.send_queue_bytes}) must hold the largest event or"
+            f" snapshot the other limits allow ({largest} bytes with --max-json-bytes"
+            f" {config.max_json_bytes}): raise it, or lower --max-json-bytes"
         )
     if config.max_http_connections and config.max_connections == 0:
         problems.append("--max-connections 0 (no limit) needs --max-http-connections 0 too")

@@ -9,6 +9,7 @@ ApiError
 ├── PayloadTooLarge (413, payload_too_large)
 ├── ValidationFailed (422, validation_error, with per-field messages)
 ├── TooManyRequests (429, rate_limited / too_many_connections; with Retry-After)
+│   └── QuotaExceeded (429, quota_exceeded; fields.quota names the quota)
 └── Unavailable (503, unavailable)
 """
 
@@ -78,6 +79,20 @@ class ValidationFailed(ApiError):
 
 class TooManyRequests(ApiError):
     status, code = 429, "rate_limited"
+
+
+class QuotaExceeded(TooManyRequests):
+    """A per-user quota is used up; it frees as tasks finish or are deleted."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("headers", {"Retry-After": str(QUOTA_RETRY_AFTER)})
+        super().__init__(message, **kwargs)
+
+
+#: Retry-After (seconds) of a quota refusal: quotas free slowly, as tasks end.
+QUOTA_RETRY_AFTER = 60
 
 
 class Unavailable(ApiError):

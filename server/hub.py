@@ -43,27 +43,63 @@ class Subscription:
     While `buffer` is a list the subscription is replaying history and live events wait
     there; `go_live` drains it. `last_seq` is the highest seq handed to the peer, so no
     seq is ever delivered twice or out of order.
+
+    The buffer is bounded (`max_messages`, `max_bytes`): a replay that takes long while
+    the task moves fast would otherwise hold every live event meanwhile. When it would
+    overflow, it is emptied and `overflows` counted; the replay then gives up on the
+    history and ends with a fresh snapshot (`recovered: false`), after which the events
+    buffered since are delivered as usual.
     """
 
-    __slots__ = ("peer", "task_id", "last_seq", "buffer")
+    __slots__ = (
+        "peer",
+        "task_id",
+        "last_seq",
+        "buffer",
+        "buffered_bytes",
+        "overflows",
+        "max_messages",
+        "max_bytes",
+    )
 
-    def __init__(self, peer: Peer, task_id: str) -> None:
+    def __init__(self, peer: Peer, task_id: str, max_messages: int, max_bytes: int) -> None:
         self.peer = peer
         self.task_id = task_id
         self.last_seq = 0
         self.buffer: list[tuple[int, str]] | None = []
+        #: Bytes (UTF-8) of the messages in `buffer`.
+        self.buffered_bytes = 0
+        #: Times the buffer overflowed during this replay.
+        self.overflows = 0
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
 
     def deliver(self, seq: int, data: str) -> None:
         if self.buffer is not None:
+            size = len(data.encode())
+            if len(self.buffer) >= self.max_messages or self.buffered_bytes + size > self.max_bytes:
+                self.buffer.clear()
+                self.buffered_bytes = 0
+                self.overflows += 1
             self.buffer.append((seq, data))
+            self.buffered_bytes += size
         elif seq > self.last_seq:
             self.last_seq = seq
             self.peer.push(data)
 
 
 class Hub:
-    def __init__(self, encode: Callable[[Event], str]) -> None:
+    def __init__(
+        self,
+        encode: Callable[[Event], str],
+        *,
+        buffer_messages: int = 1000,
+        buffer_bytes: int = 1024 * 1024,
+    ) -> None:
         self._encode = encode
+        #: Bounds of the live-event buffer a replaying subscription holds.
+        self._buffer_messages = buffer_messages
+        self._buffer_bytes = buffer_bytes
         #: Every live peer, by id.
         self._peers: dict[str, Peer] = {}
         #: Peer ids by user id.
@@ -124,23 +160,32 @@ class Hub:
 
     def subscribe(self, peer: Peer, task_id: str) -> Subscription:
         """Subscribe (or re-subscribe) in buffering mode; call `go_live` after the replay."""
-        sub = Subscription(peer, task_id)
+        sub = Subscription(peer, task_id, self._buffer_messages, self._buffer_bytes)
         self._by_task.setdefault(task_id, {})[peer.id] = sub
         self._by_peer.setdefault(peer.id, {})[task_id] = sub
         return sub
+
+    def restart_buffer(self, sub: Subscription) -> None:
+        """Forget what the buffer holds (the replay is replaced by a snapshot read after)."""
+        if sub.buffer is not None:
+            sub.buffer.clear()
+            sub.buffered_bytes = 0
 
     def go_live(self, sub: Subscription, delivered_seq: int) -> None:
         """End the replay: `delivered_seq` was the last seq sent; flush newer buffered events."""
         buffered = sub.buffer or []
         sub.buffer = None
+        sub.buffered_bytes = 0
         sub.last_seq = max(sub.last_seq, delivered_seq)
         for seq, data in buffered:
             sub.deliver(seq, data)
 
-    def unsubscribe(self, peer: Peer, task_id: str) -> bool:
+    def unsubscribe(self, peer: Peer, task_id: str, only: Subscription | None = None) -> bool:
+        """Drop the peer's subscription to the task (only if it is `only`, when given)."""
         subs = self._by_peer.get(peer.id)
-        if subs is None or subs.pop(task_id, None) is None:
+        if subs is None or task_id not in subs or (only is not None and subs[task_id] is not only):
             return False
+        del subs[task_id]
         self._remove_from_task(task_id, peer.id)
         return True
 

@@ -79,6 +79,14 @@ class MessageLimiter(TokenBucket):
         #: Clock reading at which the current window ends.
         self.window_end = now
 
+    def charge(self, now: float, tokens: float) -> None:
+        """Spend `tokens` that cannot be refused (work already asked for, such as the next
+        page of a replay); the bucket may go into debt, down to -burst, so that later
+        messages wait for it."""
+        held = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.tokens = max(-float(self.burst), held - tokens)
+        self.stamp = now
+
     def check(self, now: float) -> Verdict:
         """Account for one incoming message received at `now`."""
         if self.take(now) == 0.0:

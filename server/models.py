@@ -1,11 +1,22 @@
-"""Domain records: users, tasks and task events. Plain data, no I/O."""
+"""Domain records: users, tasks and task events, and their wire form. Plain data, no I/O.
+
+A task's `params` and `result` (and a built-in job's `checkpoint`) are JSON values that the
+server never looks inside on its hot paths. They are kept as their compact JSON text from
+the moment they are accepted (see `budget.compact`): that is what is stored, and it is
+spliced as is into the JSON of answers and messages (`Task.to_json`), so a large value is
+never parsed and serialised again, and its memory is its size in bytes.
+"""
 
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+#: Compact JSON text of a value (an object for params and result).
+RawJson = str
 
 
 class TaskStatus(enum.StrEnum):
@@ -38,6 +49,20 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def dumps(value: Any) -> str:
+    """Wire JSON: compact, non-ASCII as UTF-8 (sizes are counted in UTF-8 bytes)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def splice(head: dict[str, Any], raw: dict[str, RawJson | None]) -> str:
+    """`head` as JSON with the members of `raw` (already JSON text, or None) appended."""
+    text = dumps(head)
+    tail = "".join(f',"{key}":{"null" if value is None else value}' for key, value in raw.items())
+    if not tail:
+        return text
+    return text[:-1] + tail + "}" if len(head) else "{" + tail[1:] + "}"
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     id: int
@@ -48,18 +73,39 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskState:
+    """What the write path needs to know of a task: no params, result or message.
+
+    The tracker keeps these for recently written tasks, so their memory is small and
+    bounded whatever the tasks carry.
+    """
+
+    id: str
+    user_id: int
+    kind: str
+    status: TaskStatus
+    progress: float
+    step: str | None
+    seq: int
+    created_at: str
+    updated_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """A task's current state; `seq` is the seq of its latest event."""
 
     id: str
     user_id: int
     kind: str
-    params: dict[str, Any]
+    params: RawJson
     status: TaskStatus
     progress: float
     step: str | None
     message: str | None
-    result: dict[str, Any] | None
+    result: RawJson | None
     error: str | None
     seq: int
     created_at: str
@@ -67,19 +113,16 @@ class Task:
     started_at: str | None = None
     finished_at: str | None = None
     #: Private resume state of a built-in job; never sent to clients.
-    checkpoint: dict[str, Any] | None = field(default=None, compare=False)
+    checkpoint: RawJson | None = field(default=None, compare=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The public JSON shape (docs/protocol.md, "Task")."""
+    def _head(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "kind": self.kind,
-            "params": self.params,
             "status": self.status.value,
             "progress": self.progress,
             "step": self.step,
             "message": self.message,
-            "result": self.result,
             "error": self.error,
             "seq": self.seq,
             "created_at": self.created_at,
@@ -87,6 +130,20 @@ class Task:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
+
+    def to_json(self) -> str:
+        """The public JSON shape (docs/protocol.md, "Task"), params and result spliced in."""
+        return splice(self._head(), {"params": self.params, "result": self.result})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The same shape as a dict (tests and tools; the server sends `to_json`)."""
+        return json.loads(self.to_json())
+
+    def params_value(self) -> Any:
+        return json.loads(self.params)
+
+    def checkpoint_value(self) -> Any:
+        return None if self.checkpoint is None else json.loads(self.checkpoint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +158,10 @@ class Event:
     step: str | None
     message: str | None
     ts: str
-    result: dict[str, Any] | None = None
+    result: RawJson | None = None
     error: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """The public JSON shape; `result` and `error` only when set."""
+    def _head(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "task_id": self.task_id,
             "seq": self.seq,
@@ -116,8 +172,26 @@ class Event:
             "message": self.message,
             "ts": self.ts,
         }
-        if self.result is not None:
-            data["result"] = self.result
         if self.error is not None:
             data["error"] = self.error
         return data
+
+    def to_json(self, **extra: Any) -> str:
+        """The public JSON shape; `result` and `error` only when set; `extra` first."""
+        head = {**extra, **self._head()}
+        return splice(head, {"result": self.result} if self.result is not None else {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.to_json())
+
+    @property
+    def stored_bytes(self) -> int:
+        """Roughly what this event costs on disk, for the per-user storage quota."""
+        return (
+            96
+            + len(self.ts)
+            + len((self.step or "").encode())
+            + len((self.message or "").encode())
+            + len((self.result or "").encode())
+            + len((self.error or "").encode())
+        )

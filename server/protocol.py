@@ -12,7 +12,7 @@ from typing import Any
 from marshmallow import Schema, ValidationError
 
 from . import schemas
-from .models import Event, Task
+from .models import Event, Task, dumps, splice
 
 # Close codes (RFC 6455 and the 4000-4999 private range), see docs/protocol.md.
 CLOSE_GOING_AWAY = 1001  # server shutdown: reconnect and resume
@@ -117,9 +117,8 @@ def peek_id(text: str) -> Any:
 
 
 def _dump(message: dict[str, Any]) -> str:
-    # ASCII-only (non-ASCII as \u escapes): len(text) is then its size in bytes on the wire,
-    # which the connection's byte limit relies on.
-    return json.dumps(message, separators=(",", ":"))
+    # Non-ASCII as UTF-8, as everywhere on the wire: the byte budget (budget.py) counts it so.
+    return dumps(message)
 
 
 def _with_id(message: dict[str, Any], msg_id: Any) -> dict[str, Any]:
@@ -130,14 +129,14 @@ def _with_id(message: dict[str, Any], msg_id: Any) -> dict[str, Any]:
 
 def event_message(event: Event) -> str:
     """A live or replayed event; built once per event and shared by all subscribers."""
-    return _dump({"type": "event", **event.to_dict()})
+    return event.to_json(type="event")
 
 
 def snapshot_message(task: Task, msg_id: Any = None, recovered: bool | None = None) -> str:
-    message: dict[str, Any] = {"type": "snapshot", "task": task.to_dict()}
+    head: dict[str, Any] = {"type": "snapshot"}
     if recovered is not None:
-        message["recovered"] = recovered
-    return _dump(_with_id(message, msg_id))
+        head["recovered"] = recovered
+    return splice(_with_id(head, msg_id), {"task": task.to_json()})
 
 
 def pong_message(msg_id: Any = None) -> str:

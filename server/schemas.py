@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
+from . import budget
 from .models import TaskStatus
 
 #: \Z, not $: "$" also matches before a trailing newline ("alice\n" would pass).
@@ -14,6 +15,8 @@ USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}\Z")
 #: A 6-digit A-share code, or a ticker of 1-10 letters and dots with at least one letter.
 STOCK_CODE = re.compile(r"^(?:[0-9]{6}|(?=[A-Za-z.]*[A-Za-z])[A-Za-z.]{1,10})\Z")
 STOCK_ANALYSIS = "stock_analysis"
+#: A task list's continuation: "<created_at>~<rowid>".
+TASK_CURSOR = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]{1,20}Z~[0-9]{1,18}\Z")
 
 
 class StrictInt(fields.Integer):
@@ -36,6 +39,24 @@ class Number(fields.Float):
             raise self.make_error("invalid")
         number = super()._deserialize(value, attr, data, **kwargs)
         return int(number) if number == int(number) else number
+
+
+class WireString(fields.String):
+    """A string bounded in bytes of its wire form (JSON-escaped UTF-8), not code points."""
+
+    def __init__(self, max_bytes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            size = budget.wire_bytes(text)
+        except UnicodeEncodeError:
+            raise ValidationError("Not valid text: an unpaired surrogate.") from None
+        if size > self.max_bytes:
+            raise ValidationError(f"At most {self.max_bytes} bytes as JSON text (UTF-8).")
+        return text
 
 
 class Credentials(Schema):
@@ -72,19 +93,15 @@ class CreateTask(Schema):
         required=True,
         validate=validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}\Z", error="1-64 of A-Z a-z 0-9 _ . : -"),
     )
+    #: Checked against the byte and depth budget by the handler (budget.compact).
     params = fields.Dict(keys=fields.String(), load_default=dict)
-
-    @validates("params")
-    def _small_params(self, value: dict[str, Any], **_: Any) -> None:
-        if len(value) > 100:
-            raise ValidationError("at most 100 keys")
 
 
 class ReportProgress(Schema):
     progress = Number(required=True, validate=validate.Range(min=0, max=100))
-    step = fields.String(allow_none=True, validate=validate.Length(max=200))
-    #: Up to 64 KiB: workers may send a log excerpt (the HTTP body limit still applies).
-    message = fields.String(allow_none=True, validate=validate.Length(max=65536))
+    step = WireString(budget.MAX_STEP_BYTES, allow_none=True)
+    #: Up to --max-json-bytes: workers may send a log excerpt (checked by the handler).
+    message = fields.String(allow_none=True)
 
 
 class CompleteTask(Schema):
@@ -92,7 +109,7 @@ class CompleteTask(Schema):
 
 
 class FailTask(Schema):
-    error = fields.String(required=True, validate=validate.Length(min=1, max=2000))
+    error = WireString(budget.MAX_ERROR_BYTES, required=True, validate=validate.Length(min=1))
 
 
 class Empty(Schema):
@@ -108,6 +125,11 @@ class ListTasksQuery(Schema):
         load_default="any",
     )
     limit = fields.Integer(validate=validate.Range(min=1, max=500), load_default=100)
+    #: `next_cursor` of the previous page (opaque to clients).
+    cursor = fields.String(
+        load_default=None,
+        validate=validate.Regexp(TASK_CURSOR, error="not a cursor this server gave out"),
+    )
 
 
 class ListEventsQuery(Schema):

@@ -450,6 +450,13 @@ async def test_create_stock_analysis_with_invalid_code_is_422_and_stores_nothing
     assert await _list(client, token) == []
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 BAD_CREATE_BODIES: list[Any] = [
     {"kind": ""},
     {"kind": "has space"},
@@ -463,7 +470,9 @@ BAD_CREATE_BODIES: list[Any] = [
     {"kind": "x", "params": "a=b"},
     {"kind": "x", "params": None},
     {"kind": "x", "params": {}, "owner": 2},
-    {"kind": "x", "params": {str(i): i for i in range(101)}},
+    {"kind": "x", "params": {"blob": "x" * 65536}},  # over --max-json-bytes once serialised
+    {"kind": "x", "params": {"emoji": "\U0001f600" * 16384}},  # 64 KiB of UTF-8
+    {"kind": "x", "params": {"deep": _nested(33)}},  # over --max-json-depth
 ]
 
 

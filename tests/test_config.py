@@ -37,7 +37,8 @@ def test_flags_set_every_field() -> None:
             "--max-frame-bytes", "1024",
             "--max-body-bytes", "2048",
             "--send-queue-messages", "10",
-            "--send-queue-bytes", "4096",
+            "--send-queue-bytes", "16384",
+            "--max-json-bytes", "2048",
             "--sqlite-synchronous", "normal",
             "--shutdown-timeout", "0.5",
             "--log-level", "DEBUG",
@@ -57,7 +58,8 @@ def test_flags_set_every_field() -> None:
         max_frame_bytes=1024,
         max_body_bytes=2048,
         send_queue_messages=10,
-        send_queue_bytes=4096,
+        send_queue_bytes=16384,
+        max_json_bytes=2048,
         sqlite_synchronous="NORMAL",
         shutdown_timeout=0.5,
         log_level="DEBUG",
@@ -131,6 +133,7 @@ def test_secret_path_is_beside_the_database() -> None:
         (["--registration", "maybe"], {}),
         (["--trusted-proxies", "not-an-address"], {}),
         (["--max-connections", "30000", "--max-http-connections", "20000"], {}),
+        (["--send-queue-bytes", "100000"], {}),  # cannot hold a snapshot of 64 KiB params
         (["--no-such-flag"], {}),
     ],
 )

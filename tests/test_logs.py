@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from server.config import from_args
 from server.web.logs import JsonFormatter, KeyValueFormatter, log_path, parse_event, redact
@@ -89,7 +89,7 @@ async def test_kv_logs_show_each_event_with_its_connection_and_no_secret(
 ) -> None:
     """A workload with tokens in headers and ?token=, wrong passwords and forged tokens: every
     event is one line with its connection id, and no token, signature or password appears."""
-    server = make_server("--send-queue-bytes", "4096")
+    server = make_server()
     await server.start()
     password = f"pw-{uuid.uuid4().hex}"
     wrong_password = f"wrong-{uuid.uuid4().hex}"
@@ -132,15 +132,14 @@ async def test_kv_logs_show_each_event_with_its_connection_and_no_secret(
             pass
     assert refused.value.response.status_code == 403
 
-    # A slow consumer, token in the header: one event larger than its 4096-byte budget.
+    # A second client, token in the header: subscribes, gets an event, closes.
+    # (Slow consumers' log lines are checked with real stalled sockets in test_slow_consumer.)
     headers = {"Authorization": f"Bearer {token}"}
     async with connect(f"{server.ws_url}/api/v1/ws", additional_headers=headers, proxy=None) as ws:
         await ws.send(json.dumps({"action": "subscribe", "task_id": task_id}))
         assert (await recv_json(ws))["type"] == "snapshot"
         await api(http, "POST", url, token, json={"progress": 20, "message": "x" * 5000})
-        with pytest.raises(ConnectionClosedError) as closed:
-            await recv_json(ws)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4008
+        assert (await recv_json(ws))["progress"] == 20
     await wait_for_metric(http, server, "progress_ws_connections 0.0")
     # Malformed requests carrying the token: aiohttp logs their raw line and headers.
     for raw in (
@@ -171,15 +170,12 @@ async def test_kv_logs_show_each_event_with_its_connection_and_no_secret(
     lines = output.splitlines()
     assert lines and all(line.startswith("ts=") for line in lines), output
 
-    first, slow = (m.group(1) for m in re.finditer(r"ws\.connect conn=(\w+) user=1\b", output))
+    first, second = (m.group(1) for m in re.finditer(r"ws\.connect conn=(\w+) user=1\b", output))
     one(lines, rf"ws\.subscribe conn={first} task={task_id} ")
     one(lines, rf"ws\.unsubscribe conn={first} task={task_id}$")
     one(lines, rf"ws\.disconnect conn={first} user=1 code=1000 reason=client subscriptions=0 ")
-    one(lines, rf"ws\.subscribe conn={slow} task={task_id} ")
-    one(lines, rf"level=WARNING .* ws\.slow_consumer conn={slow} user=1 ")
-    one(
-        lines, rf"ws\.disconnect conn={slow} user=1 code=4008 reason=slow_consumer subscriptions=1 "
-    )
+    one(lines, rf"ws\.subscribe conn={second} task={task_id} ")
+    one(lines, rf"ws\.disconnect conn={second} user=1 code=1000 reason=client subscriptions=1 ")
     for path, status, code in (
         ("/api/v1/auth/login", 401, "invalid_credentials"),
         ("/api/v1/auth/me", 401, "invalid_token"),

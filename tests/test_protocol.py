@@ -72,7 +72,7 @@ def test_valid_messages():
 def test_event_message_shape():
     """An event carries result only when completed and error only when failed or cancelled."""
     done = Event(
-        "t", 5, EventType.COMPLETED, TaskStatus.COMPLETED, 100, "s", None, "ts", result={"a": 1}
+        "t", 5, EventType.COMPLETED, TaskStatus.COMPLETED, 100, "s", None, "ts", result='{"a":1}'
     )
     data = json.loads(protocol.event_message(done))
     assert data == {

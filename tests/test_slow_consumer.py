@@ -218,6 +218,10 @@ async def test_stalled_clients_are_dropped_and_normal_ones_get_everything(
             peak = max(peak, rss_bytes(pid))
             assert peak - rss_before < RSS_GROWTH, (rss_before, peak)
 
+            async with aiohttp.ClientSession() as scraper:
+                async with scraper.get(f"{server.base_url}/metrics") as resp:
+                    metrics = await resp.text()
+            assert f"progress_ws_slow_consumer_drops_total {float(STALLED)}" in metrics
             # The normal clients were never dropped and are still served.
             for ws in normal:
                 await ws.send(json.dumps({"action": "ping", "id": "still-here"}))

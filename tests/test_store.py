@@ -26,7 +26,7 @@ async def test_an_active_statement_freezes_a_readers_snapshot(tmp_path, db):
     tracker.start()
     reader = await aiosqlite.connect(tmp_path / "s.db")
     try:
-        task = await tracker.create_task(1, "k", {})
+        task = await tracker.create_task(1, "k", "{}")
         held = await reader.execute("SELECT seq FROM task_events")  # left active
         await tracker.report_progress(task.id, Progress(5))
         sql = "SELECT seq FROM tasks WHERE id = ?"
@@ -46,7 +46,7 @@ async def test_reads_never_leave_a_statement_open(db, monkeypatch):
     tracker = Tracker(store)
     tracker.start()
     try:
-        task = await tracker.create_task(1, "k", {})
+        task = await tracker.create_task(1, "k", "{}")
 
         def no_cursor(*args, **kwargs):
             raise AssertionError("reader query not fetched in one call")
@@ -57,8 +57,8 @@ async def test_reads_never_leave_a_statement_open(db, monkeypatch):
         assert (await store.get_task(task.id)).seq == 1
         assert await store.get_user(1) is not None
         assert await store.find_credentials("u") is not None
-        assert len(await store.list_tasks(1, None, 10)) == 1
-        assert len(await store.list_events(task.id, 0, 10)) == 1
+        assert len((await store.list_tasks(1, None, 10)).tasks) == 1
+        assert len((await store.list_events(task.id, 0, 10)).events) == 1
         assert await store.first_kept_seq(task.id) == 1
         assert await store.count_tasks_by_status() == {"pending": 1}
         assert await store.tasks_to_resume(["k"]) != []

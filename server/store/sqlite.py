@@ -1,16 +1,26 @@
-"""All SQL lives here. Returns models; knows nothing of HTTP or WebSockets."""
+"""The SQLite store: every read, and the task write path (planned and written on the writer
+thread by `sqlite_writes.TaskWriter`). Returns models; knows nothing of HTTP or WebSockets.
+
+Every read is executed and fetched in one call on a reader of the pool (see sqlite_db);
+reads that can be long (lists, replays) go in the pool's bulk lane and are bounded in
+bytes as well as rows: their sizes are read first (small rows), then exactly the rows that
+fit, so a page is never loaded only to find out it is too big.
+"""
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..lifecycle import Plan, Quotas, Request
 from ..models import Event, EventType, Task, TaskStatus, User
 from .sqlite_db import Database
+from .sqlite_writes import TaskWriter
+
+#: Bytes of one page of a list or a replay, about (a page always has at least one row).
+MAX_PAGE_BYTES = 1024 * 1024
 
 _TASK_COLUMNS = (
     "id, user_id, kind, params, status, progress, step, message, result, error, seq,"
@@ -21,15 +31,6 @@ _EVENT_COLUMNS = "task_id, seq, event, status, progress, step, message, result, 
 
 class UsernameTaken(Exception):
     """Another account already has this username (compared without case)."""
-
-
-@dataclass(frozen=True, slots=True)
-class TaskWrite:
-    """One task's new state and the events that led to it, for `Store.commit`."""
-
-    task: Task
-    events: Sequence[Event]
-    is_new: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +72,29 @@ class EventSpan:
         return 0 if self.first_kept is None else self.seq - self.first_kept + 1
 
 
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[Task]
+    #: (created_at, rowid) to continue from, or None: nothing more.
+    next: tuple[str, int] | None
 
 
-def _load_or_none(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[Event]
+    #: True when the page stopped at a limit and later events may exist.
+    more: bool
+
+
+def _fit(rows: Sequence[sqlite3.Row], max_bytes: int, size_index: int) -> tuple[list[Any], bool]:
+    """The leading rows whose sizes add up to at most `max_bytes` (at least one row), and
+    whether rows were left out for it."""
+    total = 0
+    for i, row in enumerate(rows):
+        total += row[size_index] or 0
+        if total > max_bytes and i > 0:
+            return list(rows[:i]), True
+    return list(rows), False
 
 
 def _task_from_row(row: sqlite3.Row) -> Task:
@@ -84,15 +102,15 @@ def _task_from_row(row: sqlite3.Row) -> Task:
         id=row["id"],
         user_id=row["user_id"],
         kind=row["kind"],
-        params=json.loads(row["params"]),
+        params=row["params"],
         status=TaskStatus(row["status"]),
         progress=row["progress"],
         step=row["step"],
         message=row["message"],
-        result=_load_or_none(row["result"]),
+        result=row["result"],
         error=row["error"],
         seq=row["seq"],
-        checkpoint=_load_or_none(row["checkpoint"]),
+        checkpoint=row["checkpoint"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         started_at=row["started_at"],
@@ -109,79 +127,28 @@ def _event_from_row(row: sqlite3.Row) -> Event:
         progress=row["progress"],
         step=row["step"],
         message=row["message"],
-        result=_load_or_none(row["result"]),
+        result=row["result"],
         error=row["error"],
         ts=row["ts"],
     )
 
 
-def _task_params(task: Task) -> tuple[Any, ...]:
-    return (
-        task.status.value,
-        task.progress,
-        task.step,
-        task.message,
-        _json_or_none(task.result),
-        task.error,
-        task.seq,
-        _json_or_none(task.checkpoint),
-        task.updated_at,
-        task.started_at,
-        task.finished_at,
-        task.id,
+def _span_from_row(row: sqlite3.Row) -> EventSpan:
+    return EventSpan(
+        task_id=row["id"],
+        finished_at=row["finished_at"],
+        seq=row["seq"],
+        first_kept=row["first_kept"],
+        subscriptions=row["subscriptions"],
     )
-
-
-def _event_params(event: Event) -> tuple[Any, ...]:
-    return (
-        event.task_id,
-        event.seq,
-        event.event.value,
-        event.status.value,
-        event.progress,
-        event.step,
-        event.message,
-        _json_or_none(event.result),
-        event.error,
-        event.ts,
-    )
-
-
-class _Rows:
-    """Rows already fetched, behind the cursor methods the queries use."""
-
-    __slots__ = ("_rows",)
-
-    def __init__(self, rows: Iterable[sqlite3.Row]) -> None:
-        self._rows = list(rows)
-
-    async def fetchall(self) -> list[sqlite3.Row]:
-        return self._rows
-
-    async def fetchone(self) -> sqlite3.Row | None:
-        return self._rows[0] if self._rows else None
 
 
 class Store:
-    """Reads through the reader connection; writes one transaction at a time on the writer."""
+    """Reads on the reader pool; writes one transaction at a time on the writer thread."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-
-    @asynccontextmanager
-    async def _query(
-        self, sql: str, args: Sequence[Any] = (), *, bulk: bool = False
-    ) -> AsyncIterator[_Rows]:
-        """Run a read and fetch all its rows in one call on the reader's thread.
-
-        Why one call: with execute and fetch as separate calls, the statements of concurrent
-        readers overlap on the shared connection, and SQLite keeps one read transaction (one
-        snapshot) open for as long as any statement is active. Under a burst of subscribes
-        such a chain lasted hundreds of milliseconds, and a subscriber was shown a task older
-        than events already published to others (a gap in its stream). Stepped to the end
-        in one call, each query starts from the latest commit.
-        """
-        yield _Rows(await self._db.fetch(sql, args, bulk=bulk))
+        self._writer = TaskWriter(db)
 
     # -- users ---------------------------------------------------------------------------
 
@@ -203,135 +170,126 @@ class Store:
 
     async def find_credentials(self, username: str) -> tuple[User, str] | None:
         """The user and their password hash, or None."""
-        async with self._query(
+        rows = await self._db.fetch(
             "SELECT id, username, password_hash FROM users WHERE username = ?", (username,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        )
+        if not rows:
             return None
-        return User(id=row["id"], username=row["username"]), row["password_hash"]
+        return User(id=rows[0]["id"], username=rows[0]["username"]), rows[0]["password_hash"]
 
     async def get_user(self, user_id: int) -> User | None:
-        async with self._query("SELECT id, username FROM users WHERE id = ?", (user_id,)) as cur:
-            row = await cur.fetchone()
-        return None if row is None else User(id=row["id"], username=row["username"])
+        rows = await self._db.fetch("SELECT id, username FROM users WHERE id = ?", (user_id,))
+        return User(id=rows[0]["id"], username=rows[0]["username"]) if rows else None
 
     # -- tasks and events: reads ---------------------------------------------------------
 
-    async def get_task(self, task_id: str, *, for_write: bool = False) -> Task | None:
-        """A task by id; `for_write` reads through the writer (call it holding no lock)."""
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?"
-        if for_write:
-            rows = await self._db.writer.run(
-                lambda conn: conn.execute(sql, (task_id,)).fetchall(), transaction=False
-            )
-        else:
-            rows = await self._db.fetch(sql, (task_id,))
+    async def get_task(self, task_id: str) -> Task | None:
+        """A task by id, with its params, result and checkpoint."""
+        rows = await self._db.fetch(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
         return _task_from_row(rows[0]) if rows else None
 
     async def list_tasks(
-        self, user_id: int, statuses: Iterable[TaskStatus] | None, limit: int
-    ) -> list[Task]:
-        """A user's tasks, newest first, optionally only those in `statuses`."""
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
+        self,
+        user_id: int,
+        statuses: Iterable[TaskStatus] | None,
+        limit: int,
+        *,
+        before: tuple[str, int] | None = None,
+        max_bytes: int = MAX_PAGE_BYTES,
+    ) -> TaskPage:
+        """A user's tasks, newest first, optionally only those in `statuses`.
+
+        At most `limit` tasks and about `max_bytes` (at least one task): `before` is the
+        continuation of the previous page, `(created_at, rowid)` of its last task.
+        """
+        where = "user_id = ?"
         args: list[Any] = [user_id]
         if statuses is not None:
             wanted = [s.value for s in statuses]
-            sql += f" AND status IN ({','.join('?' * len(wanted))})"
+            where += f" AND status IN ({','.join('?' * len(wanted))})"
             args += wanted
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        args.append(limit)
-        async with self._query(sql, args) as cur:
-            return [_task_from_row(row) for row in await cur.fetchall()]
+        if before is not None:
+            where += " AND (created_at, rowid) < (?, ?)"
+            args += list(before)
+        sizes = await self._db.fetch(
+            "SELECT rowid, created_at, bytes + coalesce(length(CAST(message AS BLOB)), 0)"
+            f" + coalesce(length(CAST(error AS BLOB)), 0) FROM tasks WHERE {where}"
+            " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            [*args, limit + 1],
+            bulk=True,
+        )
+        chosen, cut = _fit(sizes[:limit], max_bytes, 2)
+        if not chosen:
+            return TaskPage([], None)
+        rows = await self._db.fetch(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE rowid IN ({','.join('?' * len(chosen))})"
+            " ORDER BY created_at DESC, rowid DESC",
+            [row[0] for row in chosen],
+            bulk=True,
+        )
+        more = cut or len(sizes) > limit
+        last = chosen[-1]
+        return TaskPage([_task_from_row(row) for row in rows], (last[1], last[0]) if more else None)
 
-    async def list_events(self, task_id: str, after_seq: int, limit: int) -> list[Event]:
-        """Events with seq > after_seq, in seq order."""
-        async with self._query(
-            f"SELECT {_EVENT_COLUMNS} FROM task_events WHERE task_id = ? AND seq > ?"
-            " ORDER BY seq LIMIT ?",
-            (task_id, after_seq, limit),
-        ) as cur:
-            return [_event_from_row(row) for row in await cur.fetchall()]
+    async def list_events(
+        self, task_id: str, after_seq: int, limit: int, *, max_bytes: int = MAX_PAGE_BYTES
+    ) -> EventPage:
+        """Events with seq > after_seq, in seq order: at most `limit` and about `max_bytes`."""
+        sizes = await self._db.fetch(
+            "SELECT seq, bytes FROM task_events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (task_id, after_seq, limit + 1),
+            bulk=True,
+        )
+        chosen, cut = _fit(sizes[:limit], max_bytes, 1)
+        if not chosen:
+            return EventPage([], False)
+        rows = await self._db.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM task_events"
+            " WHERE task_id = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+            (task_id, chosen[0][0], chosen[-1][0]),
+            bulk=True,
+        )
+        return EventPage([_event_from_row(row) for row in rows], cut or len(sizes) > limit)
 
     async def first_kept_seq(self, task_id: str) -> int | None:
         """The lowest seq still stored for a task (history may be trimmed), or None."""
-        async with self._query(
+        rows = await self._db.fetch(
             "SELECT MIN(seq) FROM task_events WHERE task_id = ?", (task_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else row[0]
+        )
+        return rows[0][0] if rows else None
 
     async def count_tasks_by_status(self) -> dict[str, int]:
         """Number of tasks per status (metrics); reads the `tasks_by_status` index only."""
-        async with self._query("SELECT status, COUNT(*) FROM tasks GROUP BY status") as cur:
-            return {row[0]: row[1] for row in await cur.fetchall()}
+        rows = await self._db.fetch("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+        return {row[0]: row[1] for row in rows}
 
-    async def tasks_to_resume(self, kinds: Iterable[str]) -> list[Task]:
-        """Unfinished tasks of the given kinds, oldest first (built-in jobs after a restart)."""
+    async def tasks_to_resume(
+        self, kinds: Iterable[str], after: tuple[str, str] | None = None, limit: int = 100
+    ) -> list[Task]:
+        """Unfinished tasks of the given kinds, oldest first, a page at a time.
+
+        `after` is (created_at, id) of the last task of the previous page.
+        """
         wanted = list(kinds)
         if not wanted:
             return []
-        async with self._query(
+        since, since_id = after or ("", "")
+        rows = await self._db.fetch(
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN ('pending', 'running')"
-            f" AND kind IN ({','.join('?' * len(wanted))}) ORDER BY created_at",
-            wanted,
-        ) as cur:
-            return [_task_from_row(row) for row in await cur.fetchall()]
+            f" AND kind IN ({','.join('?' * len(wanted))}) AND (created_at, id) > (?, ?)"
+            " ORDER BY created_at, id LIMIT ?",
+            [*wanted, since, since_id, limit],
+            bulk=True,
+        )
+        return [_task_from_row(row) for row in rows]
 
     # -- tasks and events: the one write path --------------------------------------------
 
-    async def commit(self, writes: Sequence[TaskWrite]) -> None:
-        """Store new and changed tasks with their events in one transaction.
-
-        When this returns the transaction is committed (and, with synchronous=FULL, on disk).
-        On error everything is rolled back and the error propagates.
-        """
-        new_tasks = [w.task for w in writes if w.is_new]
-        changed = [w.task for w in writes if not w.is_new]
-        events = [e for w in writes for e in w.events]
-
-        def transaction(conn: sqlite3.Connection) -> None:
-            if new_tasks:
-                conn.executemany(
-                    f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
-                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            t.id,
-                            t.user_id,
-                            t.kind,
-                            json.dumps(t.params),
-                            t.status.value,
-                            t.progress,
-                            t.step,
-                            t.message,
-                            _json_or_none(t.result),
-                            t.error,
-                            t.seq,
-                            _json_or_none(t.checkpoint),
-                            t.created_at,
-                            t.updated_at,
-                            t.started_at,
-                            t.finished_at,
-                        )
-                        for t in new_tasks
-                    ],
-                )
-            if changed:
-                conn.executemany(
-                    "UPDATE tasks SET status = ?, progress = ?, step = ?, message = ?,"
-                    " result = ?, error = ?, seq = ?, checkpoint = ?, updated_at = ?,"
-                    " started_at = ?, finished_at = ? WHERE id = ?",
-                    [_task_params(t) for t in changed],
-                )
-            if events:
-                conn.executemany(
-                    f"INSERT INTO task_events ({_EVENT_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_event_params(e) for e in events],
-                )
-
-        await self._db.write(transaction)
+    async def apply(
+        self, requests: Sequence[Request], quotas: Quotas, clock: Callable[[], str]
+    ) -> Plan:
+        """Plan and commit a batch of task changes in one transaction (see sqlite_writes)."""
+        return await self._writer.apply(requests, quotas, clock)
 
     # -- subscription history ------------------------------------------------------------
 
@@ -369,20 +327,20 @@ class Store:
 
     async def list_subscriptions(self, user_id: int, limit: int) -> list[SubscriptionRecord]:
         """A user's subscription history, newest first."""
-        async with self._query(
+        rows = await self._db.fetch(
             "SELECT task_id, connection_id, subscribed_at, unsubscribed_at FROM subscriptions"
             " WHERE user_id = ? ORDER BY subscribed_at DESC, id DESC LIMIT ?",
             (user_id, limit),
-        ) as cur:
-            return [
-                SubscriptionRecord(
-                    task_id=r["task_id"],
-                    connection_id=r["connection_id"],
-                    subscribed_at=r["subscribed_at"],
-                    unsubscribed_at=r["unsubscribed_at"],
-                )
-                for r in await cur.fetchall()
-            ]
+        )
+        return [
+            SubscriptionRecord(
+                task_id=r["task_id"],
+                connection_id=r["connection_id"],
+                subscribed_at=r["subscribed_at"],
+                unsubscribed_at=r["unsubscribed_at"],
+            )
+            for r in rows
+        ]
 
     # -- retention: bounded reads to plan, bounded transactions to delete ----------------
 
@@ -407,7 +365,7 @@ class Store:
         since, since_id = after or ("", "")
         # `+t.status` keeps the planner on tasks_finished (in finished_at order), not the
         # status index; finished_at is set exactly when the status becomes terminal.
-        async with self._query(
+        rows = await self._db.fetch(
             "SELECT t.id, t.finished_at, t.seq,"
             " (SELECT MIN(e.seq) FROM task_events e WHERE e.task_id = t.id) AS first_kept,"
             f" {subs} AS subscriptions"
@@ -415,21 +373,23 @@ class Store:
             " AND +t.status IN ('completed', 'failed', 'cancelled')"
             " ORDER BY t.finished_at, t.id LIMIT ?",
             (finished_before, since, since_id, limit),
-        ) as cur:
-            return [_span_from_row(row) for row in await cur.fetchall()]
+            bulk=True,
+        )
+        return [_span_from_row(row) for row in rows]
 
     async def task_spans(self, task_ids: Sequence[str]) -> list[EventSpan]:
         """The event spans of the given tasks (those that still exist)."""
         if not task_ids:
             return []
-        async with self._query(
+        rows = await self._db.fetch(
             "SELECT t.id, t.finished_at, t.seq,"
             " (SELECT MIN(e.seq) FROM task_events e WHERE e.task_id = t.id) AS first_kept,"
             " 0 AS subscriptions"
             f" FROM tasks t WHERE t.id IN ({','.join('?' * len(task_ids))})",
             list(task_ids),
-        ) as cur:
-            return [_span_from_row(row) for row in await cur.fetchall()]
+            bulk=True,
+        )
+        return [_span_from_row(row) for row in rows]
 
     async def tasks_with_seq_over(
         self, seq: int, after_rowid: int, limit: int
@@ -439,11 +399,11 @@ class Store:
         Looks at up to `limit` tasks after `after_rowid` (so other reads get their turn
         between pages); returns the last rowid looked at (None: the scan is over) and the ids.
         """
-        async with self._query(
+        rows = await self._db.fetch(
             "SELECT rowid, id, seq FROM tasks WHERE rowid > ? ORDER BY rowid LIMIT ?",
             (after_rowid, limit),
-        ) as cur:
-            rows = await cur.fetchall()
+            bulk=True,
+        )
         if not rows:
             return None, []
         return rows[-1][0], [row["id"] for row in rows if row["seq"] > seq]
@@ -490,19 +450,10 @@ class Store:
                     list(task_ids),
                 )
             ]
+            # Events first: their quota trigger finds the task's owner through the task row.
             events = conn.executemany("DELETE FROM task_events WHERE task_id = ?", ids).rowcount
             subs = conn.executemany("DELETE FROM subscriptions WHERE task_id = ?", ids).rowcount
             tasks = conn.executemany("DELETE FROM tasks WHERE id = ?", ids).rowcount
             return tasks, events, subs
 
         return await self._db.write(transaction)
-
-
-def _span_from_row(row: sqlite3.Row) -> EventSpan:
-    return EventSpan(
-        task_id=row["id"],
-        finished_at=row["finished_at"],
-        seq=row["seq"],
-        first_kept=row["first_kept"],
-        subscriptions=row["subscriptions"],
-    )

@@ -60,10 +60,10 @@ class WriterThread:
     def __init__(self, path: Path, synchronous: str) -> None:
         self._path = path
         self._synchronous = synchronous
-        #: (function, in a transaction?, future, loop); None stops the thread.
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], bool, Any, Any] | None] = (
-            queue.SimpleQueue()
-        )
+        #: (function, in a transaction?, after commit, future, loop); None stops the thread.
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[..., Any], bool, Callable[[Any], None] | None, Any, Any] | None
+        ] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
         self._started = False
@@ -72,16 +72,24 @@ class WriterThread:
         self._started = True
         self._thread.start()
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = True) -> T:
+    async def run(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        transaction: bool = True,
+        after_commit: Callable[[T], None] | None = None,
+    ) -> T:
         """Run `fn(conn)` on the writer thread, inside BEGIN IMMEDIATE ... COMMIT by default.
 
-        An exception from `fn` rolls the transaction back and is raised here. If the caller
-        is cancelled the transaction still runs to its end (it cannot be stopped half-way);
-        only its result is dropped.
+        An exception from `fn` (or from COMMIT) rolls the transaction back and is raised
+        here. `after_commit(result)` runs on the writer thread once COMMIT succeeded, before
+        the next transaction starts: the place to update state that must follow exactly
+        what is committed. If the caller is cancelled the transaction still runs to its end
+        (it cannot be stopped half-way); only its result is dropped.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((fn, transaction, future, loop))
+        self._jobs.put((fn, transaction, after_commit, future, loop))
         return await future
 
     async def stop(self) -> None:
@@ -110,7 +118,7 @@ class WriterThread:
             job = self._jobs.get()
             if job is None:
                 break
-            fn, transaction, future, loop = job
+            fn, transaction, after_commit, future, loop = job
             result: Any = None
             error: BaseException | None = None
             try:
@@ -132,6 +140,12 @@ class WriterThread:
                     raise
             except BaseException as exc:  # handed to the caller, never lost in the thread
                 error = exc
+            else:
+                if after_commit is not None:
+                    try:
+                        after_commit(result)
+                    except Exception:  # committed is committed: report it, answer anyway
+                        log.exception("db.after_commit_failed")
             try:
                 loop.call_soon_threadsafe(_resolve, future, result, error)
             except RuntimeError:  # the loop is closed: nobody waits any more

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from marshmallow import Schema, ValidationError
 
-from .. import schemas
+from .. import budget, schemas
 from ..auth import Identity, hash_password, verify_password
 from ..errors import (
     BadRequest,
@@ -22,10 +22,19 @@ from ..errors import (
     Unauthorized,
     ValidationFailed,
 )
-from ..models import ACTIVE_STATUSES, Task, TaskStatus, utc_now
+from ..models import ACTIVE_STATUSES, Task, TaskStatus, dumps, utc_now
 from ..store.sqlite import UsernameTaken
 from ..tracker import Progress
-from .keys import config_key, jobs_key, store_key, task_rate_key, tokens_key, tracker_key
+from .keys import (
+    config_key,
+    create_rate_key,
+    jobs_key,
+    metrics_key,
+    store_key,
+    task_rate_key,
+    tokens_key,
+    tracker_key,
+)
 from .ws import authenticate
 
 routes = web.RouteTableDef()
@@ -77,9 +86,12 @@ def _validate(schema: Schema, data: Any) -> dict[str, Any]:
         raise ValidationFailed("invalid request", fields=exc.messages_dict) from None
     # Python's json reads NaN/Infinity and "\ud800" escapes. Stored, a NaN would be sent back
     # as text no browser parses, and a lone surrogate fails to encode inside SQLite's
-    # transaction (taking the other requests of its group commit down with it).
+    # transaction. Objects and lists (params, result) are checked by `_raw_json`, depth
+    # first: serialising a value nested just under the parser's limit would blow the stack.
     bad = {}
     for name, value in loaded.items():
+        if isinstance(value, dict | list):
+            continue
         try:
             json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
         except ValueError:
@@ -177,27 +189,62 @@ async def me(request: web.Request) -> web.Response:
 # -- tasks -------------------------------------------------------------------------------
 
 
+def _raw_json(request: web.Request, name: str, value: Any) -> str:
+    """`value` as compact JSON text within --max-json-bytes and --max-json-depth, else 422."""
+    config = request.app[config_key]
+    try:
+        return budget.compact(
+            value, max_bytes=config.max_json_bytes, max_depth=config.max_json_depth
+        )
+    except budget.BudgetError as exc:
+        raise ValidationFailed("invalid request", fields={name: [str(exc).capitalize() + "."]})
+
+
+def _check_message(request: web.Request, message: str | None) -> None:
+    """A progress message may take up to --max-json-bytes on the wire."""
+    limit = request.app[config_key].max_json_bytes
+    if message is not None and budget.wire_bytes(message) > limit:
+        raise ValidationFailed(
+            "invalid request",
+            fields={"message": [f"At most {limit} bytes as JSON text (UTF-8)."]},
+        )
+
+
+def _json(text: str, status: int = 200) -> web.Response:
+    """An answer whose JSON text is already built (tasks splice their raw params/result)."""
+    return web.Response(text=text, status=status, content_type="application/json")
+
+
+def _check_create_rate(request: web.Request, identity: Identity) -> None:
+    """--task-create-rate: task creations per user per minute (token bucket)."""
+    buckets = request.app[create_rate_key]
+    wait = buckets.take(identity.user_id, time.monotonic())
+    if wait > 0.0:
+        request.app[metrics_key].refusals.note("task_create_rate", f"user={identity.user_id}")
+        raise TooManyRequests(
+            f"more than {buckets.rate * 60:g} tasks created per minute; nothing stored",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+
 async def _create(
     request: web.Request, identity: Identity, kind: str, params: dict[str, Any]
 ) -> web.Response:
     jobs = request.app[jobs_key]
-    # A well-signed token may name a user that does not exist (e.g. a fresh database with the
-    # same JWT secret). Its insert would break the foreign key inside the tracker's group
-    # commit and fail every other request in that batch with it: refuse it here.
-    if await request.app[store_key].get_user(identity.user_id) is None:
-        raise Unauthorized("unknown user", code="invalid_token")
     if jobs.is_builtin(kind):
         params = _validate(_STOCK_PARAMS, params)
         params["code"] = params["code"].upper()
-    task = await request.app[tracker_key].create_task(identity.user_id, kind, params)
+    raw = _raw_json(request, "params", params)
+    task = await request.app[tracker_key].create_task(identity.user_id, kind, raw)
     if jobs.is_builtin(kind):
         jobs.start(task)
-    return web.json_response(task.to_dict(), status=201)
+    return _json(task.to_json(), status=201)
 
 
 @routes.post("/api/v1/tasks")
 async def create_task(request: web.Request) -> web.Response:
     identity = _caller(request)
+    _check_create_rate(request, identity)
     data = await _body(request, _CREATE_TASK)
     return await _create(request, identity, data["kind"], data["params"])
 
@@ -205,6 +252,7 @@ async def create_task(request: web.Request) -> web.Response:
 @routes.post("/api/v1/stock/analyze")
 async def analyze_stock(request: web.Request) -> web.Response:
     identity = _caller(request)
+    _check_create_rate(request, identity)
     data = await _body(request, _STOCK_PARAMS)
     return await _create(request, identity, schemas.STOCK_ANALYSIS, data)
 
@@ -221,14 +269,22 @@ async def list_tasks(request: web.Request) -> web.Response:
         if status == "active"
         else (TaskStatus(status),)
     )
-    tasks = await request.app[store_key].list_tasks(identity.user_id, statuses, query["limit"])
-    return web.json_response({"tasks": [t.to_dict() for t in tasks]})
+    before = None
+    if query["cursor"] is not None:
+        created_at, _, rowid = query["cursor"].partition("~")
+        before = (created_at, int(rowid))
+    page = await request.app[store_key].list_tasks(
+        identity.user_id, statuses, query["limit"], before=before
+    )
+    cursor = None if page.next is None else f"{page.next[0]}~{page.next[1]}"
+    items = ",".join(t.to_json() for t in page.tasks)
+    return _json(f'{{"tasks":[{items}],"next_cursor":{dumps(cursor)}}}')
 
 
 @routes.get("/api/v1/tasks/{task_id}")
 async def get_task(request: web.Request) -> web.Response:
     task = await _owned_task(request, _caller(request))
-    return web.json_response(task.to_dict())
+    return _json(task.to_json())
 
 
 @routes.get("/api/v1/tasks/{task_id}/events")
@@ -236,8 +292,10 @@ async def list_events(request: web.Request) -> web.Response:
     identity = _caller(request)
     query = _validate(_LIST_EVENTS_QUERY, dict(request.query))
     task = await _owned_task(request, identity)
-    events = await request.app[store_key].list_events(task.id, query["after_seq"], query["limit"])
-    return web.json_response({"events": [e.to_dict() for e in events]})
+    page = await request.app[store_key].list_events(task.id, query["after_seq"], query["limit"])
+    following = page.events[-1].seq if page.more else None
+    items = ",".join(e.to_json() for e in page.events)
+    return _json(f'{{"events":[{items}],"next_after_seq":{dumps(following)}}}')
 
 
 def _seq_response(events: list[Any]) -> web.Response:
@@ -256,6 +314,7 @@ def _check_task_rate(request: web.Request, identity: Identity) -> None:
     key = (identity.user_id, request.match_info["task_id"][:64])
     wait = buckets.take(key, time.monotonic())
     if wait > 0.0:
+        request.app[metrics_key].refusals.note("task_rate", f"user={identity.user_id}")
         raise TooManyRequests(
             f"more than {buckets.rate:g} progress posts per second for this task; nothing stored",
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
@@ -267,6 +326,7 @@ async def report_progress(request: web.Request) -> web.Response:
     identity = _caller(request)
     _check_task_rate(request, identity)
     data = await _body(request, _REPORT_PROGRESS)
+    _check_message(request, data.get("message"))
     events = await request.app[tracker_key].report_progress(
         request.match_info["task_id"],
         Progress(progress=data["progress"], step=data.get("step"), message=data.get("message")),
@@ -279,8 +339,10 @@ async def report_progress(request: web.Request) -> web.Response:
 async def complete_task(request: web.Request) -> web.Response:
     identity = _caller(request)
     data = await _body(request, _COMPLETE_TASK, allow_empty=True)
+    result = data.get("result")
+    raw = None if result is None else _raw_json(request, "result", result)
     events = await request.app[tracker_key].complete(
-        request.match_info["task_id"], data.get("result"), owner_id=identity.user_id
+        request.match_info["task_id"], raw, owner_id=identity.user_id
     )
     return _seq_response(events)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -18,6 +19,7 @@ from ..errors import ApiError
 from ..hub import Hub
 from ..jobs import JobRunner
 from ..jobs.prices import SyntheticPriceProvider
+from ..lifecycle import Quotas
 from ..limits import KeyedBuckets, UserSlots
 from ..retention import Retention
 from ..store.sqlite import Store
@@ -28,6 +30,7 @@ from . import api, ws
 from .keys import (
     admission_key,
     config_key,
+    create_rate_key,
     db_key,
     history_key,
     hub_key,
@@ -131,10 +134,29 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
             config.db_path, config.migrations_dir, config.sqlite_synchronous, config.db_readers
         )
         store = Store(db)
-        tracker = Tracker(store, max_batch=config.commit_batch_max)
-        hub = Hub(encode=protocol.event_message)
+        tracker = Tracker(
+            store,
+            max_batch=config.commit_batch_max,
+            queue_max=config.commit_queue_max,
+            quotas=Quotas(
+                max_unfinished_tasks=config.max_unfinished_tasks_per_user,
+                max_stored_bytes=config.max_stored_bytes_per_user,
+            ),
+            refusals=app[metrics_key].refusals,
+        )
+        hub = Hub(
+            encode=protocol.event_message,
+            buffer_messages=config.send_queue_messages,
+            buffer_bytes=config.send_queue_bytes,
+        )
         history = SubscriptionHistory(store)
-        jobs = JobRunner(tracker, SyntheticPriceProvider(), config.job_step_delay)
+        jobs = JobRunner(
+            tracker,
+            SyntheticPriceProvider(),
+            config.job_step_delay,
+            max_running=config.max_running_jobs,
+            max_per_user=config.max_running_jobs_per_user,
+        )
         tracker.add_listener(hub.publish)
         tracker.add_listener(jobs.on_event)
         retention = Retention(
@@ -157,9 +179,9 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
         lag.start()
         await history.start()
         retention.start()
-        resumed = await jobs.resume_unfinished(await store.tasks_to_resume(jobs.kinds))
+        jobs.resume_unfinished(store)
         sweeper = asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")
-        log.info("server.ready db=%s resumed_jobs=%d", config.db_path, resumed)
+        log.info("server.ready db=%s", config.db_path)
         try:
             yield
         finally:
@@ -211,6 +233,8 @@ def create_app(config: Config) -> web.Application:
     app[tokens_key] = TokenService(secret, config.token_ttl)
     app[websockets_key] = weakref.WeakSet()
     app[task_rate_key] = KeyedBuckets(config.task_rate, config.task_burst)
+    per_minute = config.task_create_rate
+    app[create_rate_key] = KeyedBuckets(per_minute / 60, max(1, math.ceil(per_minute / 10)))
     app[ws_slots_key] = UserSlots(config.max_connections_per_user)
     app[admission_key] = Admission(LoopLag(), config.shed_lag, config.max_connections)
     app.cleanup_ctx.append(_services(config))

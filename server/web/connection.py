@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a closing client has to take the close frame before its transport is aborted.
 CLOSE_GRACE = 1.0
+#: Seconds between two looks at a draining socket buffer while a replay waits for room.
+ROOM_POLL = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,9 @@ class Connection:
         self._max_messages = max_messages
         self._max_bytes = max_bytes
         #: Text messages and control items waiting for the writer.
-        self._outbox: deque[str | _Ping | _Close] = deque()
+        #: Text messages (with their size in bytes on the wire) and control items waiting
+        #: for the writer.
+        self._outbox: deque[tuple[str, int] | _Ping | _Close] = deque()
         #: Bytes of text waiting in _outbox.
         self._queued_bytes = 0
         self._wakeup: asyncio.Future[None] | None = None
@@ -116,12 +120,14 @@ class Connection:
     def push(self, data: str) -> None:
         if self._closing:
             return
+        frame = text_frame(data)  # built once per message, whatever the subscribers
+        size = len(frame)
         buffered = self._transport.get_write_buffer_size() if self._transport else 0
         if (
             len(self._outbox) >= self._max_messages
-            or self._queued_bytes + buffered + len(data) > self._max_bytes
+            or self._queued_bytes + buffered + size > self._max_bytes
         ):
-            self._drop_slow(buffered, len(data))
+            self._drop_slow(buffered, size)
             return
         transport = self._transport
         if (
@@ -135,12 +141,12 @@ class Connection:
             # behind goes through the outbox, whose writer waits for the socket to drain
             # (and `wait_for_room` paces replays by the outbox).
             if not transport.is_closing():
-                transport.write(text_frame(data))
+                transport.write(frame)
                 self.stats.messages_sent += 1
-                self.stats.bytes_sent += len(data)
+                self.stats.bytes_sent += size
             return
-        self._outbox.append(data)
-        self._queued_bytes += len(data)
+        self._outbox.append((data, size))
+        self._queued_bytes += size
         self._wake()
 
     def ping(self) -> None:
@@ -174,7 +180,7 @@ class Connection:
         if self._closing:
             return
         if notice is not None:
-            self._outbox.append(notice)
+            self._outbox.append((notice, len(notice.encode())))
         self._outbox.append(_Close(code, reason))
         self._closing = True
         self._wake()
@@ -216,19 +222,31 @@ class Connection:
         await asyncio.wait([self._writer], timeout=timeout)
 
     async def wait_for_room(self) -> None:
-        """Wait until the outbox is at most half full (paces long replays)."""
+        """Wait until the outbox and the socket's write buffer are at most half full.
+
+        Paces long replays by what the peer really takes: bytes queued here and bytes the
+        transport still holds (a replay written straight to the socket fills the latter
+        with nothing queued), so a client that reads, only slower, is never dropped as
+        slow in the middle of a replay.
+        """
         loop = asyncio.get_running_loop()
+        last_backlog = self.backlog_bytes
         while not self._closing and (
             len(self._outbox) >= self._max_messages // 2
-            or self._queued_bytes >= self._max_bytes // 2
+            or self.backlog_bytes >= self._max_bytes // 2
         ):
             self._room = loop.create_future()
-            # Re-check now and then: a closing connection stops resolving _room.
-            await asyncio.wait([self._room], timeout=1.0)
-            if self._room.done():
+            # The writer resolves _room after each send; with nothing queued the transport
+            # drains by itself, so look again soon (and now and then in any case: a closing
+            # connection stops resolving _room).
+            timeout = ROOM_POLL if not self._outbox else 1.0
+            await asyncio.wait([self._room], timeout=timeout)
+            backlog = self.backlog_bytes
+            if self._room.done() or backlog < last_backlog:
                 # The handler does not read (so sees no pong) while it replays; a peer that
                 # keeps taking data is alive, so the heartbeat must not drop it meanwhile.
                 self.mark_seen(loop.time())
+            last_backlog = backlog
 
     # -- internals -----------------------------------------------------------------------
 
@@ -281,11 +299,12 @@ class Connection:
                     continue
                 item = self._outbox.popleft()
                 self._sending = True
-                if isinstance(item, str):
-                    self._queued_bytes -= len(item)
-                    await self._ws.send_str(item)
+                if isinstance(item, tuple):
+                    text, size = item
+                    self._queued_bytes -= size
+                    await self._ws.send_str(text)
                     self.stats.messages_sent += 1
-                    self.stats.bytes_sent += len(item)
+                    self.stats.bytes_sent += size
                     if self._room is not None and not self._room.done():
                         self._room.set_result(None)
                 elif isinstance(item, _Ping):

@@ -34,6 +34,8 @@ metrics_key = web.AppKey("metrics", Metrics)
 websockets_key = web.AppKey("websockets", weakref.WeakSet[Connection])
 #: Progress posts per (user, task): the --task-rate limit.
 task_rate_key = web.AppKey("task_rate", KeyedBuckets)
+#: Task creations per user: the --task-create-rate limit (per minute, as a token bucket).
+create_rate_key = web.AppKey("create_rate", KeyedBuckets)
 #: Open WebSocket connections per user: the --max-connections-per-user limit.
 ws_slots_key = web.AppKey("ws_slots", UserSlots)
 admission_key = web.AppKey("admission", Admission)

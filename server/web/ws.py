@@ -28,7 +28,7 @@ from ..errors import (
     Unauthorized,
     Unavailable,
 )
-from ..hub import Hub
+from ..hub import Hub, Subscription
 from ..limits import FLOOD_WINDOW, MessageLimiter, Verdict
 from ..models import Task
 from ..schemas import WsQuery
@@ -48,8 +48,9 @@ from .keys import (
 
 log = logging.getLogger(__name__)
 
-#: Events read from SQLite per query during a replay.
+#: Events read per query during a replay, at most, and bytes, about.
 REPLAY_PAGE = 500
+REPLAY_PAGE_BYTES = 256 * 1024
 #: Retry-After (seconds) of a handshake refused for --max-connections-per-user.
 RETRY_CONNECT_AFTER = 5
 
@@ -355,18 +356,25 @@ class Session:
                 msg_id=msg_id,
             )
         sub = hub.subscribe(conn, task_id)
+        recorded = False
         try:
             task = await self._owned_task(task_id, msg_id)
-        except protocol.ProtocolError:
-            hub.unsubscribe(conn, task_id)
+            if not was_subscribed:
+                self._history.opened(conn.id, conn.user_id, task_id)
+                recorded = True
+            log.info("ws.subscribe conn=%s task=%s last_seq=%s", conn.id, task_id, last_seq)
+            delivered = await self._replay(task, last_seq, msg_id, sub)
+        except BaseException:
+            # Whatever failed (a read, the client going away, a bug), the subscription must
+            # not stay behind in buffering mode, holding every later event of the task.
+            if hub.unsubscribe(conn, task_id, only=sub) and recorded:
+                self._history.closed(conn.id, task_id)
             raise
-        if not was_subscribed:
-            self._history.opened(conn.id, conn.user_id, task_id)
-        log.info("ws.subscribe conn=%s task=%s last_seq=%s", conn.id, task_id, last_seq)
-        delivered = await self._replay(task, last_seq, msg_id)
         hub.go_live(sub, delivered)
 
-    async def _replay(self, task: Task, last_seq: int | None, msg_id: Any) -> int:
+    async def _replay(
+        self, task: Task, last_seq: int | None, msg_id: Any, sub: Subscription
+    ) -> int:
         """Send what the subscriber is missing; returns the last seq it has been given."""
         conn = self._conn
         if last_seq is None:
@@ -381,19 +389,38 @@ class Session:
             conn.push(protocol.snapshot_message(task, msg_id, recovered=False))
             return task.seq
         delivered = last_seq
+        pages = 0
         while True:
-            events = await self._store.list_events(task.id, delivered, REPLAY_PAGE)
-            if events and events[0].seq != delivered + 1:
-                # Retention trimmed the history while it was being sent: rather than a gap,
-                # the current state (live events after it are held by the subscription).
-                latest = await self._store.get_task(task.id) or task
-                conn.push(protocol.snapshot_message(latest, msg_id, recovered=False))
-                return max(latest.seq, delivered)
+            if pages and self._limiter is not None:
+                # A replay costs a message per page: re-subscribing in a loop to a long
+                # history is rate-limited like sending that many messages.
+                self._limiter.charge(asyncio.get_running_loop().time(), 1)
+            pages += 1
+            page = await self._store.list_events(
+                task.id, delivered, REPLAY_PAGE, max_bytes=REPLAY_PAGE_BYTES
+            )
+            events = page.events
+            if sub.overflows or (events and events[0].seq != delivered + 1):
+                # Live events came faster than the replay could be sent (the buffer holding
+                # them overflowed), or retention trimmed the history meanwhile: rather than
+                # a gap, the current state; live events after it are held by the buffer.
+                return await self._recover(task, msg_id, sub, delivered)
             for event in events:
-                # Pace by the outbox, not by the page: a page may be longer than the send
-                # queue, and a client that reads is not a slow consumer.
+                # Pace by what the peer takes, not by the page: a page may be longer than
+                # the send queue, and a client that reads is not a slow consumer.
                 await conn.wait_for_room()
                 conn.push(protocol.event_message(event))
                 delivered = event.seq
-            if len(events) < REPLAY_PAGE:
+            if not page.more:
                 return delivered
+
+    async def _recover(self, task: Task, msg_id: Any, sub: Subscription, delivered: int) -> int:
+        """End a replay that cannot go on with a `recovered: false` snapshot of now."""
+        overflows = sub.overflows
+        latest = await self._store.get_task(task.id) or task
+        if sub.overflows != overflows:
+            # Overflowed again while reading: what was dropped may be newer than `latest`.
+            self._conn.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer: replay overrun")
+            return max(latest.seq, delivered)
+        self._conn.push(protocol.snapshot_message(latest, msg_id, recovered=False))
+        return max(latest.seq, delivered)
