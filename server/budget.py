@@ -33,8 +33,11 @@ class BudgetError(ValueError):
 
 
 def wire_bytes(text: str) -> int:
-    """Bytes `text` takes as a JSON string on the wire (quotes and escapes included)."""
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8"))
+    """Bytes `text` takes inside a JSON string on the wire: UTF-8, escapes as written.
+
+    Raises UnicodeEncodeError for an unpaired surrogate (it has no UTF-8 form).
+    """
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2
 
 
 def depth(value: Any, limit: int) -> int:

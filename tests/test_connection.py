@@ -80,3 +80,27 @@ async def test_idle_peer_gets_frames_directly_and_a_lagging_one_through_the_writ
     assert socket.sent == ['{"n":2}', '{"n":3}']
     assert conn.stats.messages_sent == 3
     await conn.finish()
+
+
+async def test_byte_limit_counts_utf8_bytes_not_characters():
+    """A message of emoji counts four bytes per character against the send queue."""
+    transport, socket = FakeTransport(), FakeSocket()
+    conn = Connection(socket, transport, 1, max_messages=100, max_bytes=1000)  # type: ignore[arg-type]
+    transport.buffered = 600  # behind: pushes are queued
+    conn.push("\U0001f600" * 150)  # 150 characters, 600 bytes: over the 400 bytes left
+    assert conn.close_code == 4008
+    await conn.finish()
+
+
+async def test_replay_pacing_waits_for_the_socket_buffer_to_drain():
+    """wait_for_room waits while the transport holds half the byte limit, though nothing is
+    queued, and returns once the peer has taken it."""
+    transport, socket = FakeTransport(), FakeSocket()
+    conn = Connection(socket, transport, 1, max_messages=100, max_bytes=1000)  # type: ignore[arg-type]
+    transport.buffered = 900
+    waiting = asyncio.create_task(conn.wait_for_room())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    transport.buffered = 100  # the peer read
+    await asyncio.wait_for(waiting, 1)
+    await conn.finish()

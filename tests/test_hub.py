@@ -113,3 +113,43 @@ def test_liveness_pings_silent_peers_and_drops_unanswered():
     hub.check_liveness(now=13.5, interval=5.0, timeout=3.0)
     assert quiet.aborted == "heartbeat timeout"
     assert chatty.aborted is None
+
+
+def test_the_replay_buffer_is_bounded_and_overflow_is_counted():
+    """A subscription holds at most its bound of live events while replaying; past it the
+    buffer is emptied and the overflow counted (the replay then ends with a snapshot)."""
+    hub = Hub(lambda e: f"{e.task_id}:{e.seq}:" + "x" * 10, buffer_messages=5, buffer_bytes=10_000)
+    peer = FakePeer("p")
+    hub.connect(peer)
+    sub = hub.subscribe(peer, "t1")
+    for seq in range(1, 8):
+        hub.publish(event(seq))
+    assert sub.overflows == 1
+    assert [seq for seq, _ in sub.buffer or []] == [6, 7]
+    hub.go_live(sub, 5)
+    assert [m.split(":")[1] for m in peer.sent] == ["6", "7"]
+
+
+def test_the_replay_buffer_is_bounded_in_bytes():
+    """The byte bound counts UTF-8 bytes of the buffered messages."""
+    hub = Hub(lambda e: "\U0001f600" * 100, buffer_messages=1000, buffer_bytes=1000)
+    peer = FakePeer("p")
+    hub.connect(peer)
+    sub = hub.subscribe(peer, "t1")
+    hub.publish(event(1))
+    hub.publish(event(2))  # 400 + 400 bytes fit
+    assert sub.overflows == 0
+    hub.publish(event(3))
+    assert sub.overflows == 1 and len(sub.buffer or []) == 1
+
+
+def test_unsubscribe_only_a_given_subscription():
+    """`only=` leaves a newer subscription to the same task alone."""
+    hub, _ = make_hub()
+    peer = FakePeer("p")
+    hub.connect(peer)
+    old = hub.subscribe(peer, "t1")
+    new = hub.subscribe(peer, "t1")
+    assert not hub.unsubscribe(peer, "t1", only=old)
+    assert hub.unsubscribe(peer, "t1", only=new)
+    assert not hub.is_subscribed(peer, "t1")

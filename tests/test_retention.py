@@ -552,3 +552,27 @@ async def test_database_file_shrinks_after_a_purge(client):
     assert after < before / 10
     assert os.path.getsize(path + "-wal") == 0
     assert await db.free_pages() == 0
+
+
+async def test_deleting_history_gives_the_users_storage_quota_back(client):
+    """users.stored_bytes grows with what a user stores and shrinks as retention deletes it
+    (the quota counts what is on disk, not what was ever written)."""
+    token = await register(client, "alice")
+    db = client.app[db_key]
+
+    async def stored() -> int:
+        return (await db.fetch("SELECT stored_bytes FROM users WHERE username = 'alice'"))[0][0]
+
+    assert await stored() == 0
+    task_id = await new_task(client, token, 50, message="x" * 1000)
+    await finish(client, token, task_id)
+    full = await stored()
+    assert full > 50 * 1000
+    clock = FakeClock()
+    clock.advance(2 * DAY)
+    trimmed = await make_retention(client.app, clock, event_retention=86400).run_once()
+    assert trimmed.events_deleted == 52
+    assert 0 < await stored() < full - 50 * 1000
+    clock.advance(40 * DAY)
+    await make_retention(client.app, clock, task_retention=30 * 86400).run_once()
+    assert await stored() == 0
