@@ -146,6 +146,8 @@ export function h(tag, attrs = {}, ...children) {
   for (const [name, value] of Object.entries(attrs)) {
     if (value === null || value === undefined || value === false) continue;
     if (name === "class") el.className = value;
+    // Through the CSSOM, never a style="" attribute, which the page's CSP refuses.
+    else if (name === "style") Object.assign(el.style, value);
     else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
     else el.setAttribute(name, value === true ? "" : String(value));
   }

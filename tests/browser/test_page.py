@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html.parser
 import json
 import re
 import signal
@@ -22,6 +23,13 @@ if TYPE_CHECKING:
     from .conftest import ServerProcess
 
 STEPS = ["load_prices", "moving_averages", "rsi", "macd", "signal"]
+STATIC = Path(__file__).resolve().parents[2] / "static"
+#: The policy the server is to send with its pages.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; "
+    "object-src 'none'"
+)
 
 
 def _expect() -> Any:
@@ -544,4 +552,91 @@ def test_revoked_session_shows_the_login_form(
     assert len(sockets) == 1
     assert len(refreshes) == 1
     assert page.evaluate("() => sessionStorage.getItem('progress.session')") is None
+    assert page_errors == []
+
+
+class _InlineFinder(html.parser.HTMLParser):
+    """Collects what a CSP without 'unsafe-inline' refuses in an HTML file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        names = {name for name, _ in attrs}
+        if tag == "style":
+            self.found.append("<style>")
+        if tag == "script" and "src" not in names:
+            self._in_script = True
+        self.found += [f"{tag} {name}=" for name in names if name == "style"]
+        self.found += [f"{tag} {name}=" for name in names if name.startswith("on")]
+        self.found += [
+            f"{tag} {name}=javascript:"
+            for name, value in attrs
+            if (value or "").strip().lower().startswith("javascript:")
+        ]
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script and data.strip():
+            self.found.append("inline <script>")
+
+
+def test_static_files_need_no_inline_code_or_style() -> None:
+    """No inline script, <style>, style="" or on* attribute in static/; no style from JS text."""
+    found: list[str] = []
+    for file in sorted(STATIC.rglob("*.html")):
+        finder = _InlineFinder()
+        finder.feed(file.read_text())
+        found += [f"{file.name}: {what}" for what in finder.found]
+    # JS may set element.style properties (CSSOM); it must not parse style or code from text.
+    banned = re.compile(
+        r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function"
+        r"|setAttribute\(\s*[\"']style|\.cssText|setAttribute\(\s*[\"']on"
+    )
+    for file in sorted(STATIC.rglob("*.js")):
+        for n, line in enumerate(file.read_text().splitlines(), 1):
+            if banned.search(line):
+                found.append(f"{file.name}:{n}: {line.strip()}")
+    assert found == []
+
+
+def test_page_works_under_the_content_security_policy(
+    page: Page, make_server: Callable[..., ServerProcess], page_errors: list[str]
+) -> None:
+    """With the server's CSP on the page: log in, run an analysis, log out; no violation."""
+    expect = _expect()
+    server = make_server(0.05)
+
+    def with_csp(route: Route) -> None:
+        response = route.fetch()
+        route.fulfill(
+            response=response, headers={**response.headers, "content-security-policy": CSP}
+        )
+
+    page.route(re.compile(r"^" + re.escape(server.url) + r"/(\?.*)?$"), with_csp)
+    page.add_init_script(
+        """window.__csp = [];
+        document.addEventListener('securitypolicyviolation',
+          (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));"""
+    )
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(msg.text))
+    register_through_form(page, server, "cspuser")
+    applied = page.evaluate(
+        "async () => (await fetch(location.href)).headers.get('content-security-policy')"
+    )
+    start_analysis(page, "600519")
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    expect(page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    width = page.locator("#task-progress .progress-fill").evaluate("el => el.style.width")
+    page.get_by_role("button", name="Log out").click()
+    expect(page.locator("#login-form")).to_be_visible()
+    assert applied == CSP  # the policy was really in force
+    assert width == "100%"  # set through the CSSOM, which the policy allows
+    assert page.evaluate("() => window.__csp") == []
+    assert [line for line in console if "Content Security Policy" in line] == []
     assert page_errors == []
