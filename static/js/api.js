@@ -85,12 +85,12 @@ export const views = {
  * Call the JSON API.
  *
  * @param {string} path Below /api/v1, e.g. "/tasks?status=active".
- * @param {{method?: string, body?: object, token?: string | null}} [options] `token`
- *   defaults to the stored session's.
+ * @param {{method?: string, body?: object, token?: string | null, keepalive?: boolean}} [options]
+ *   `token` defaults to the stored session's; `keepalive` lets the request outlive the page.
  * @returns {Promise<any>} The decoded answer.
  * @throws {ApiError}
  */
-export async function api(path, { method = "GET", body, token } = {}) {
+export async function api(path, { method = "GET", body, token, keepalive = false } = {}) {
   const headers = { Accept: "application/json" };
   const bearer = token === undefined ? session.get()?.token : token;
   if (bearer) headers.Authorization = `Bearer ${bearer}`;
@@ -101,6 +101,7 @@ export async function api(path, { method = "GET", body, token } = {}) {
       method,
       headers,
       body: body === undefined ? undefined : JSON.stringify(body),
+      keepalive,
     });
   } catch {
     throw new ApiError(0, "network", "The server cannot be reached.");

@@ -20,9 +20,12 @@ import {
   stepLabel,
   taskTitle,
 } from "./task-view.js";
-import { CloseKind, State, WebSocketClient } from "./ws-client.js";
+import { CloseKind, State, SUBSCRIPTION_END_CODES, WebSocketClient } from "./ws-client.js";
 
 const $ = (selector) => document.querySelector(selector);
+
+/** Events asked for per page when catching up over HTTP (the server's maximum). */
+const EVENTS_PAGE = 1000;
 
 const els = {
   authView: $("#auth-view"),
@@ -173,13 +176,24 @@ function configuredAttempts() {
 
 function startClient() {
   client?.close();
-  client = new WebSocketClient({
+  const c = new WebSocketClient({
     url: "/api/v1/ws",
     token: tokenProvider,
     maxAttempts: configuredAttempts(),
-    onStateChange: showConnection,
+    onStateChange: (state, info) => onClientState(c, state, info),
   });
-  client.connect();
+  client = c;
+  c.connect();
+}
+
+/**
+ * Show the client's state; when it stopped for want of a valid token (none could be had, or
+ * the server refused the one there is: a revoked or expired session), log out.
+ */
+function onClientState(c, state, info) {
+  if (c !== client) return; // a client already replaced or closed by leaveApp
+  showConnection(state, info);
+  if (state === State.CLOSED && info.kind === CloseKind.AUTH) sessionExpired();
 }
 
 function scheduleRefresh() {
@@ -314,6 +328,19 @@ function leaveApp(message, tone = "info") {
   showAuth("login", message, tone);
 }
 
+/**
+ * The Log out button: ask the server to end the session (so the token, and any socket using
+ * it, stops working), then forget it. The answer is not awaited and any failure ignored —
+ * a 404 from a server without the route, a network error — as the token is forgotten anyway.
+ */
+function logOut() {
+  const token = session.get()?.token;
+  // api() starts the request before it first awaits: it carries the token before
+  // leaveApp() clears it; keepalive lets it finish if the tab is closed right after.
+  if (token) api("/auth/logout", { method: "POST", token, keepalive: true }).catch(() => {});
+  leaveApp("You have logged out.");
+}
+
 function sessionExpired() {
   leaveApp("Your session has expired. Please log in again.", "error");
 }
@@ -417,10 +444,21 @@ function listProgress(task) {
 function onTaskMessage(shown, msg) {
   if (shown !== current) return; // a late message for a task no longer on screen
   if (msg.type === "error") {
+    // The client routes a subscribe's error reply here. not_found/forbidden end the
+    // subscription (the client will not send it again); anything else (rate_limited, …)
+    // leaves it to be sent again at the next reconnect.
+    const ended = SUBSCRIPTION_END_CODES.has(msg.code);
     panel.outcome.replaceChildren(
-      h("div", { class: "outcome outcome-failed", role: "alert" }, `Cannot follow this task: ${msg.message}`),
+      h(
+        "div",
+        { class: "outcome outcome-failed", role: "alert", "data-code": msg.code },
+        ended ? `Cannot follow this task: ${msg.message}` : `Live updates paused: ${msg.message}`,
+      ),
     );
-    stopCurrent();
+    if (ended) {
+      panel.cancel.hidden = true;
+      stopCurrent();
+    }
     return;
   }
   const view = shown.view;
@@ -441,12 +479,36 @@ function onTaskMessage(shown, msg) {
   }
 }
 
-/** Fetch the events after the view's seq over HTTP (finished tasks, or the socket is down). */
+/**
+ * Fetch the events after the view's seq over HTTP (finished tasks, or the socket is down),
+ * page after page. A page may hold fewer events than asked for although more exist (the
+ * server caps a page by bytes too): `next_after_seq` then says where to go on; null means
+ * nothing more, and so does an empty page. A server that does not send the field has more
+ * only when the page is full. When the events do not start right after the seq asked for,
+ * that history was trimmed: the task itself (GET /tasks/{id}) replaces the view, marked
+ * as having a gap, rather than a log with a hole in it.
+ */
 async function catchUp(view) {
   const shown = current;
+  const id = encodeURIComponent(view.id);
+  let after = view.seq;
   try {
-    const { events } = await api(`/tasks/${view.id}/events?after_seq=${view.seq}`);
-    for (const event of events) onTaskMessage(shown, { type: "event", ...event });
+    for (;;) {
+      const page = await api(`/tasks/${id}/events?after_seq=${after}&limit=${EVENTS_PAGE}`);
+      if (shown !== current) return;
+      const events = page.events ?? [];
+      if (events.length === 0) return;
+      if (events[0].seq !== after + 1) {
+        const task = await api(`/tasks/${id}`);
+        onTaskMessage(shown, { type: "snapshot", task, recovered: false });
+        return;
+      }
+      for (const event of events) onTaskMessage(shown, { type: "event", ...event });
+      const next = page.next_after_seq;
+      if (Number.isInteger(next) && next > after) after = next;
+      else if (next === undefined && events.length >= EVENTS_PAGE) after = events.at(-1).seq;
+      else return; // null, or a value that would not move on
+    }
   } catch (err) {
     if (err.status === 401) sessionExpired();
   }
@@ -569,7 +631,7 @@ function wire() {
   els.registerForm.addEventListener("submit", submitRegister);
   els.showRegister.addEventListener("click", () => showAuth("register"));
   els.showLogin.addEventListener("click", () => showAuth("login"));
-  els.logout.addEventListener("click", () => leaveApp("You have logged out."));
+  els.logout.addEventListener("click", logOut);
   els.retry.addEventListener("click", () => client?.connect());
   els.analyzeForm.addEventListener("submit", submitAnalysis);
   els.analyzeForm.elements.code.addEventListener("input", () => setAnalyzeError(""));

@@ -66,6 +66,7 @@ export function emptyView(taskId, task = null) {
     seq: 0, // the last seq folded in; a task snapshot's seq is not ours until applied
     log: [],
     gap: false, // true when the server could not replay some history (recovered: false)
+    gapSeq: null, // the seq of the snapshot that stands for the missing events
   };
 }
 
@@ -113,6 +114,7 @@ export function applyMessage(view, msg) {
     // A snapshot stands for events the log does not have: say so rather than pretend.
     if (replace) view.log = view.log.filter((e) => e.seqs.at(-1) <= t.seq);
     view.gap = true;
+    view.gapSeq = t.seq;
     Object.assign(view, {
       kind: t.kind,
       params: t.params ?? {},
@@ -144,6 +146,8 @@ export function h(tag, attrs = {}, ...children) {
   for (const [name, value] of Object.entries(attrs)) {
     if (value === null || value === undefined || value === false) continue;
     if (name === "class") el.className = value;
+    // Through the CSSOM, never a style="" attribute, which the page's CSP refuses.
+    else if (name === "style") Object.assign(el.style, value);
     else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
     else el.setAttribute(name, value === true ? "" : String(value));
   }
@@ -244,7 +248,14 @@ function renderLog(list, view) {
     );
   });
   if (view.gap) {
-    rows.unshift(h("li", { class: "log-entry log-gap" }, "Earlier steps are not shown."));
+    // The missing events come after the rows kept from before the snapshot and before
+    // those that arrived after it.
+    const at = Number.isInteger(view.gapSeq)
+      ? view.log.findIndex((entry) => entry.seqs[0] > view.gapSeq)
+      : 0;
+    const where = at === -1 ? rows.length : at;
+    const text = where === 0 ? "Earlier steps are not shown." : "Some steps are not shown.";
+    rows.splice(where, 0, h("li", { class: "log-entry log-gap" }, text));
   }
   list.replaceChildren(...rows);
 }

@@ -15,12 +15,18 @@
  * What it does for the page:
  * - asks the token provider for a token at every (re)connect and sends it as `?token=`
  *   (browsers cannot set headers on a WebSocket);
- * - reconnects with exponential backoff and full jitter, up to `maxAttempts` tries;
+ * - reconnects with exponential backoff and full jitter, up to `maxAttempts` tries; the
+ *   count starts again only once a connection has stayed open `stableAfter` ms, so a server
+ *   that closes every connection right after it opens is retried ever more slowly, then
+ *   given up on, never hammered;
  * - sends an application ping every `heartbeatInterval` ms and treats a missing pong as a
  *   dead connection;
  * - remembers the last seq delivered per subscribed task, resubscribes with `last_seq` after
  *   every reconnect, and drops anything at or below that seq, so a handler sees each seq
  *   once, in order;
+ * - sends every subscribe with an `id` of its own and routes the replies carrying it
+ *   (snapshot, error) to that subscription; a `not_found` or `forbidden` reply ends the
+ *   subscription (it is not resubscribed on reconnect);
  * - acts on the server's close codes (reconnect, refresh the token, or stop and say why);
  * - reconnects at once when the browser comes back online or the tab becomes visible.
  *
@@ -43,7 +49,8 @@ export const State = Object.freeze({
  * - `user`: `close()` was called (or `connect()` was never called);
  * - `normal`: the server closed with 1000;
  * - `fatal`: a close code that retrying cannot fix (1008, 1009, 4403, …);
- * - `auth`: the token provider returned no token, or threw;
+ * - `auth`: the token provider returned no token, or threw, or returned again the token the
+ *   server had just refused with 4401;
  * - `exhausted`: `maxAttempts` reconnect attempts failed.
  */
 export const CloseKind = Object.freeze({
@@ -62,6 +69,14 @@ export const CLOSE_TOKEN_EXPIRED = 4401;
 
 /** The code reported when the client itself gives up on a silent connection. */
 export const CLOSE_HEARTBEAT_TIMEOUT = 4000;
+
+/**
+ * Error codes in a reply to a subscribe that end the subscription: retrying cannot help (the
+ * task does not exist, or is not the caller's), so it is dropped and not resubscribed on
+ * reconnect. Other error replies (`rate_limited`, `too_many_subscriptions`, …) reach the
+ * handler too, but the subscription stays and is sent again at the next reconnect.
+ */
+export const SUBSCRIPTION_END_CODES = Object.freeze(new Set(["not_found", "forbidden"]));
 
 /**
  * The backoff delay before reconnect attempt `attempt` (1-based): "full jitter", a uniform
@@ -103,7 +118,8 @@ function toWebSocketUrl(url, base) {
 
 /**
  * @typedef {object} StateInfo
- * @property {number} attempt Reconnect attempts made since the last successful open.
+ * @property {number} attempt Reconnect attempts made since the last stable connection (one
+ *   that stayed open `stableAfter` ms).
  * @property {number} maxAttempts The limit.
  * @property {number | null} delay While waiting to reconnect: the wait, in ms.
  * @property {number | null} retryAt While waiting: when the next attempt starts (clock ms).
@@ -123,7 +139,13 @@ function toWebSocketUrl(url, base) {
  * @property {number} [initialDelay=500] First backoff ceiling, in ms.
  * @property {number} [maxDelay=30000] Backoff cap, in ms.
  * @property {number} [factor=2] Backoff growth per attempt.
- * @property {number} [maxAttempts=10] Reconnect attempts before giving up (state `closed`).
+ * @property {number} [maxAttempts=10] Reconnect attempts before giving up (state `closed`,
+ *   kind `exhausted`). Attempts are counted until a connection is stable (`stableAfter`), so
+ *   connections that close soon after they open count too.
+ * @property {number} [stableAfter=10000] Ms a connection must stay open before the attempt
+ *   count (and the count of 4401 closes) starts again from 0. Time, not traffic, decides: a
+ *   server that sends a message or two and then closes (a crash loop, a 4008 for a message
+ *   that never fits) still backs off. 0 resets the count at every open.
  * @property {number} [connectTimeout=10000] An attempt still not open after this many ms
  *   counts as failed.
  * @property {number} [heartbeatInterval=20000] Ms between application pings while open
@@ -135,7 +157,10 @@ function toWebSocketUrl(url, base) {
  * @property {(info: {attempt: number}) => void} [onOpen] After the socket opened and the
  *   subscriptions and queued messages were sent.
  * @property {(msg: any) => void} [onMessage] Every parsed message not dropped as a duplicate.
- * @property {(err: {type: string, message: string}) => void} [onError]
+ * @property {(err: {type: string, message: string, taskId?: string, code?: string}) => void} [onError]
+ *   `type` is one of `socket`, `parse`, `handler`, `queue_full`, `token`, `url`, or
+ *   `subscription` (a subscription ended by a `not_found`/`forbidden` reply: `taskId` and
+ *   `code` say which and why).
  * @property {(info: {code: number, reason: string, wasClean: boolean, willReconnect: boolean}) => void} [onClose]
  *   After every socket that closes (or is given up on).
  * @property {typeof WebSocket} [WebSocket] The constructor to use (tests inject a fake).
@@ -174,6 +199,8 @@ export class WebSocketClient {
     };
     /** Reconnect attempts allowed after a drop before the client gives up. */
     this.maxAttempts = o.maxAttempts ?? 10;
+    /** Ms a connection must stay open before the attempt count starts again. */
+    this.stableAfter = o.stableAfter ?? 10000;
     /** Ms an attempt may stay unopened. */
     this.connectTimeout = o.connectTimeout ?? 10000;
     /** Ms between application pings while open. */
@@ -213,7 +240,7 @@ export class WebSocketClient {
     this.state = State.CLOSED;
     /** Why the client is closed (when `state` is closed): {code, reason, kind}. */
     this.closeInfo = { code: null, reason: "not connected", kind: CloseKind.USER };
-    /** Reconnect attempts made since the last successful open. */
+    /** Reconnect attempts made since the last stable connection. */
     this.attempt = 0;
 
     /** @private The live socket, or null. */
@@ -227,15 +254,29 @@ export class WebSocketClient {
     this._failedBeforeOpen = false;
     /** @private Why the next token is needed (see TokenContext.reason). */
     this._tokenReason = "connect";
-    /** @private Pending timers by purpose: reconnect, connect, heartbeat, pong. */
-    this._timers = { reconnect: null, connect: null, heartbeat: null, pong: null };
+    /** @private Pending timers by purpose: reconnect, connect, heartbeat, pong, stable. */
+    this._timers = { reconnect: null, connect: null, heartbeat: null, pong: null, stable: null };
+    /** @private 4401 closes since the last stable connection: only the first is retried at once. */
+    this._expiredStreak = 0;
+    /** @private The token of the live socket (never logged nor reported). */
+    this._socketToken = null;
+    /**
+     * @private The last token the server refused with 4401, in a box (`{token}`) so that "no
+     * token" can be refused too; null when none was. Offered again, it stops the client.
+     */
+    this._refused = null;
+    /** @private Counter for the subscribe ids (`sub:1`, `sub:2`, …). */
+    this._lastId = 0;
+    /** @private Subscribe id → the subscription it was sent for, to route its replies. */
+    this._replyTo = new Map();
     /** @private While waiting to reconnect: {delay, retryAt}. */
     this._pendingRetry = null;
     /** @private Serialised messages waiting for an open socket. */
     this._queue = [];
     /**
-     * @private taskId → {handlers: Set<Function>, lastSeq: number | null}. lastSeq is the
-     * last seq delivered to the handlers (null: none yet; the server will send a snapshot).
+     * @private taskId → {taskId, handlers: Set<Function>, lastSeq: number | null, replyId}.
+     * lastSeq is the last seq delivered to the handlers (null: none yet; the server will
+     * send a snapshot); replyId the id of the last subscribe sent for it.
      */
     this._subs = new Map();
     /** @private Whether the window/document listeners are installed. */
@@ -265,6 +306,7 @@ export class WebSocketClient {
     this._listen(true);
     this._abandon();
     this.attempt = 0;
+    this._expiredStreak = 0;
     this._tokenReason = this._failedBeforeOpen ? "handshake_failed" : "connect";
     this._open(State.CONNECTING);
   }
@@ -307,7 +349,10 @@ export class WebSocketClient {
 
   /**
    * Follow a task. The handler gets the task's messages (`event`, `snapshot`, and `error`
-   * replies to the subscription), each seq once and in order, across reconnects.
+   * replies to the subscription), each seq once and in order, across reconnects. An error
+   * whose code is in {@link SUBSCRIPTION_END_CODES} is the last message: the subscription
+   * is dropped (also reported to `onError`, type `subscription`); `subscribe()` again to
+   * retry.
    *
    * @param {string} taskId
    * @param {(msg: any) => void} handler
@@ -321,7 +366,12 @@ export class WebSocketClient {
     let sub = this._subs.get(taskId);
     if (!sub) {
       const start = options.lastSeq;
-      sub = { handlers: new Set(), lastSeq: Number.isInteger(start) && start >= 0 ? start : null };
+      sub = {
+        taskId,
+        handlers: new Set(),
+        lastSeq: Number.isInteger(start) && start >= 0 ? start : null,
+        replyId: null,
+      };
       this._subs.set(taskId, sub);
       if (this._ws && this.state === State.OPEN) this._sendSubscribe(taskId, sub);
     }
@@ -332,7 +382,7 @@ export class WebSocketClient {
       active = false;
       sub.handlers.delete(handler);
       if (sub.handlers.size === 0 && this._subs.get(taskId) === sub) {
-        this._subs.delete(taskId);
+        this._dropSub(sub);
         if (this._ws && this.state === State.OPEN) {
           this._ws.send(JSON.stringify({ action: "unsubscribe", task_id: taskId }));
         }
@@ -385,6 +435,13 @@ export class WebSocketClient {
       this._stop(CloseKind.FATAL, null, "invalid url");
       return;
     }
+    // The server refused this very token with 4401 (expired, or its session revoked):
+    // connecting with it again can only be refused again, in a loop.
+    if (this._refused && this._refused.token === (token || null)) {
+      this._error("token", "the token provider returned the token the server refused");
+      this._stop(CloseKind.AUTH, CLOSE_TOKEN_EXPIRED, "token refused");
+      return;
+    }
     if (token) url.searchParams.set("token", token);
     let ws;
     try {
@@ -397,6 +454,7 @@ export class WebSocketClient {
     }
     this._log("debug", `ws: connecting to ${this._url} (attempt ${this.attempt})`);
     this._ws = ws;
+    this._socketToken = token || null;
     this._failedBeforeOpen = true; // until onopen says otherwise
     let opened = false;
     ws.onopen = () => {
@@ -428,7 +486,16 @@ export class WebSocketClient {
     this._clearTimer("connect");
     this._failedBeforeOpen = false;
     const attempt = this.attempt;
-    this.attempt = 0;
+    // Opening proves little (a server in a crash loop opens too): the counts start again
+    // only once the connection has lasted.
+    if (this.stableAfter > 0) {
+      this._timers.stable = this._setTimeout(() => {
+        this._timers.stable = null;
+        this._markStable();
+      }, this.stableAfter);
+    } else {
+      this._markStable();
+    }
     this._setState(State.OPEN, {});
     this._log("debug", `ws: open ${this._url}`);
     // Subscriptions first, so that queued messages about them find them in place.
@@ -437,6 +504,12 @@ export class WebSocketClient {
     for (const text of queued) this._ws.send(text);
     this._scheduleHeartbeat();
     this._callbacks.onOpen?.({ attempt });
+  }
+
+  /** @private The connection has lasted: later failures count from 0 again. */
+  _markStable() {
+    this.attempt = 0;
+    this._expiredStreak = 0;
   }
 
   /**
@@ -459,9 +532,19 @@ export class WebSocketClient {
       this._callbacks.onMessage?.(msg);
       return;
     }
-    const taskId = msg.type === "snapshot" ? msg.task?.id : msg.task_id;
-    const sub = taskId ? this._subs.get(taskId) : undefined;
+    // A reply to one of our subscribes carries its id (errors carry nothing else that
+    // says which task they are about); events and other messages name their task.
+    const replied = msg.id !== undefined && msg.id !== null ? this._replyTo.get(msg.id) : undefined;
+    let sub = replied && this._subs.get(replied.taskId) === replied ? replied : undefined;
+    if (!sub) {
+      const taskId = msg.type === "snapshot" ? msg.task?.id : msg.task_id;
+      sub = taskId ? this._subs.get(taskId) : undefined;
+    }
     if (sub && !this._accept(sub, msg)) return; // a duplicate: dropped
+    const ended = sub !== undefined && msg.type === "error" && SUBSCRIPTION_END_CODES.has(msg.code);
+    // Dropped before the handlers run, so that a handler sees it gone (lastSeq() is null,
+    // its stop() sends no unsubscribe) and nothing resubscribes it on reconnect.
+    if (ended) this._dropSub(sub);
     this._callbacks.onMessage?.(msg);
     if (sub) {
       for (const handler of [...sub.handlers]) {
@@ -472,6 +555,21 @@ export class WebSocketClient {
         }
       }
     }
+    if (ended) {
+      this._callbacks.onError?.({
+        type: "subscription",
+        message: `cannot follow task ${sub.taskId}: ${msg.code}${msg.message ? ` (${msg.message})` : ""}`,
+        taskId: sub.taskId,
+        code: msg.code,
+      });
+    }
+  }
+
+  /** @private Forget a subscription (and the id its replies would carry). */
+  _dropSub(sub) {
+    if (this._subs.get(sub.taskId) === sub) this._subs.delete(sub.taskId);
+    if (sub.replyId !== null) this._replyTo.delete(sub.replyId);
+    sub.replyId = null;
   }
 
   /**
@@ -500,7 +598,12 @@ export class WebSocketClient {
 
   /** @private */
   _sendSubscribe(taskId, sub) {
-    const message = { action: "subscribe", task_id: taskId, id: `sub:${taskId}` };
+    // A fresh id per subscribe sent, so a late reply to an earlier one (for a subscription
+    // since dropped and made again) cannot be taken for this one's.
+    if (sub.replyId !== null) this._replyTo.delete(sub.replyId);
+    sub.replyId = `sub:${++this._lastId}`;
+    this._replyTo.set(sub.replyId, sub);
+    const message = { action: "subscribe", task_id: taskId, id: sub.replyId };
     if (sub.lastSeq !== null) message.last_seq = sub.lastSeq;
     this._ws.send(JSON.stringify(message));
   }
@@ -513,6 +616,7 @@ export class WebSocketClient {
     this._clearTimer("connect");
     this._clearTimer("heartbeat");
     this._clearTimer("pong");
+    this._clearTimer("stable");
     let next; // "reconnect" | "refresh" | a CloseKind to stop with
     if (code === CLOSE_TOKEN_EXPIRED) next = "refresh";
     else if (code === 1000) next = CloseKind.NORMAL;
@@ -526,10 +630,15 @@ export class WebSocketClient {
       return;
     }
     if (next === "refresh") {
-      // The token expired while open: get a new one and reconnect at once.
+      // The token expired (or its session was revoked) while open: the provider must give
+      // a different one. The first time, reconnect at once; again before a connection
+      // lasted, back off like any failure, so a server that keeps refusing is no tight loop.
+      this._refused = { token: this._socketToken };
       this._tokenReason = "expired";
       this._failedBeforeOpen = false;
-      this._open(State.RECONNECTING);
+      this._expiredStreak += 1;
+      if (this._expiredStreak === 1) this._open(State.RECONNECTING);
+      else this._scheduleReconnect(code, reason);
       return;
     }
     this._tokenReason = opened ? "reconnect" : "handshake_failed";

@@ -49,6 +49,9 @@ LAUNCH_ARGS = [
     "--disable-sync",
     "--no-first-run",
     "--no-proxy-server",
+    # A document fulfilled through page.route (a test adding a response header) has no known
+    # address space, so Chromium would block its requests to 127.0.0.1 as public → local.
+    "--disable-features=LocalNetworkAccessChecks",
 ]
 #: Playwright's default wait for expectations, in ms.
 EXPECT_TIMEOUT_MS = 15_000

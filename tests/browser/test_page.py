@@ -2,27 +2,87 @@
 
 from __future__ import annotations
 
+import html.parser
 import json
 import re
 import signal
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from ..helpers import PASSWORD
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import Page, Route, WebSocketRoute
 
     from .conftest import ServerProcess
 
 STEPS = ["load_prices", "moving_averages", "rsi", "macd", "signal"]
+STATIC = Path(__file__).resolve().parents[2] / "static"
+#: The policy the server is to send with its pages.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; "
+    "object-src 'none'"
+)
 
 
 def _expect() -> Any:
     from playwright.sync_api import expect
 
     return expect
+
+
+def http(
+    server: ServerProcess, method: str, path: str, body: Any = None, token: str | None = None
+) -> Any:
+    """Call the server's JSON API directly (not through the page); returns the answer."""
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{server.url}/api/v1{path}", data=data, headers=headers, method=method
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def register_over_http(server: ServerProcess, username: str) -> str:
+    """Create a user without the page; returns their token."""
+    http(server, "POST", "/auth/register", {"username": username, "password": PASSWORD})
+    answer = http(server, "POST", "/auth/login", {"username": username, "password": PASSWORD})
+    return str(answer["access_token"])
+
+
+def page_token(page: Page) -> str:
+    return str(page.evaluate("() => JSON.parse(sessionStorage.getItem('progress.session')).token"))
+
+
+def finished_external_task(server: ServerProcess, token: str, steps: int) -> dict[str, Any]:
+    """An external task driven to completion over HTTP: created, started, `steps` progress
+    events (each its own step), completed: seqs 1..steps + 3."""
+    task = http(server, "POST", "/tasks", {"kind": "import", "params": {}}, token)
+    for i in range(1, steps + 1):
+        body = {"progress": 100 * i / (steps + 1), "step": f"part{i}", "message": f"part {i}"}
+        http(server, "POST", f"/tasks/{task['id']}/progress", body, token)
+    http(server, "POST", f"/tasks/{task['id']}/complete", {"result": {"rows": steps}}, token)
+    return dict(task)
+
+
+def open_from_recent(page: Page, task_id: str) -> None:
+    """Refresh the recent tasks list and show `task_id` from it."""
+    page.get_by_role("button", name="Refresh").click()
+    page.locator(f".task-item[data-task-id='{task_id}']").click()
 
 
 def register_through_form(page: Page, server: ServerProcess, username: str) -> None:
@@ -330,4 +390,253 @@ def test_stale_stored_token_shows_the_login_form(
     expect(page.locator("#auth-message")).to_contain_text("session has expired")
     expect(page.locator("#connection-status")).to_have_attribute("data-state", "closed")
     assert page.evaluate("() => sessionStorage.getItem('progress.session')") is None
+    assert page_errors == []
+
+
+@pytest.mark.parametrize("whose", ["someone else's", "nobody's"])
+def test_a_task_that_cannot_be_followed_says_so_once(
+    page: Page, make_server: Callable[..., ServerProcess], whose: str, page_errors: list[str]
+) -> None:
+    """Subscribing to a task the server does not show (not_found) says so; no resubscribe."""
+    expect = _expect()
+    server = make_server(0.05)
+    if whose == "someone else's":
+        owner = register_over_http(server, "owner")
+        task = http(server, "POST", "/tasks", {"kind": "import", "params": {"n": 1}}, owner)
+    else:
+        task = {
+            "id": "0" * 32,
+            "kind": "import",
+            "params": {},
+            "status": "running",
+            "progress": 10,
+            "step": None,
+            "message": None,
+            "result": None,
+            "error": None,
+            "created_at": "2026-01-01T00:00:00Z",
+            "seq": 2,
+        }
+    # The page believes in the task (as from a stale list); the server refuses it.
+    page.route(
+        re.compile(r"/api/v1/tasks\?status=active$"),
+        lambda route: route.fulfill(json={"tasks": [task]}),
+    )
+    subscribes = record_subscribes(page)
+    register_through_form(page, server, "intruder")
+    page.get_by_role("button", name=re.compile("Resume")).click()
+    outcome = page.locator("#task-outcome [role=alert]")
+    expect(outcome).to_contain_text("Cannot follow this task")
+    expect(outcome).to_have_attribute("data-code", "not_found")
+    expect(page.locator("#cancel-task")).to_be_hidden()
+
+    # A reconnect does not send it again: once the next subscribe (a new analysis) is out,
+    # any resubscribe would already have been seen.
+    assert server.stop() == 0
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "reconnecting")
+    server.start()
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    start_analysis(page, "600519")
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    assert [m["task_id"] for m in subscribes][0] == task["id"]
+    assert [m["task_id"] for m in subscribes].count(task["id"]) == 1
+    assert page_errors == []
+
+
+def test_history_is_read_page_by_page(
+    page: Page, server: ServerProcess, page_errors: list[str]
+) -> None:
+    """A short page with next_after_seq is followed by the next: the whole log, once."""
+    expect = _expect()
+    register_through_form(page, server, "paula")
+    task = finished_external_task(server, page_token(page), steps=6)  # seqs 1..9
+    asked: list[int] = []
+
+    def short_pages(route: Route) -> None:
+        # Like a server capping pages by bytes: two events a page, and where to go on.
+        after = re.search(r"after_seq=(\d+)", route.request.url)
+        assert after is not None
+        asked.append(int(after[1]))
+        answer = route.fetch().json()
+        events = answer["events"]
+        more = len(events) > 2
+        answer = {"events": events[:2], "next_after_seq": events[1]["seq"] if more else None}
+        route.fulfill(json=answer)
+
+    page.route(re.compile(r"/api/v1/tasks/[^/]+/events\?"), short_pages)
+    open_from_recent(page, task["id"])
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    expect(page.locator("#step-log li[data-event=completed]")).to_be_visible()
+    seqs = [seq for entry in log_entries(page) for seq in entry["seqs"]]
+    assert seqs == list(range(1, 10))
+    assert asked == [0, 2, 4, 6, 8]
+    expect(page.locator("#step-log .log-gap")).to_have_count(0)
+    assert page_errors == []
+
+
+def test_trimmed_history_falls_back_to_the_task(
+    page: Page, make_server: Callable[..., ServerProcess], page_errors: list[str]
+) -> None:
+    """Events that no longer start at after_seq + 1: the task is shown, marked with a gap."""
+    expect = _expect()
+    server = make_server(0.05, "--max-events-per-task", "3", "--retention-interval", "0.1")
+    register_through_form(page, server, "trudy")
+    token = page_token(page)
+    task = finished_external_task(server, token, steps=6)  # seqs 1..9, 7..9 kept
+    deadline = time.monotonic() + 15
+    while (
+        http(server, "GET", f"/tasks/{task['id']}/events?after_seq=0", token=token)["events"][0][
+            "seq"
+        ]
+        == 1
+    ):
+        assert time.monotonic() < deadline, "retention did not trim the history"
+        time.sleep(0.05)
+
+    open_from_recent(page, task["id"])
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    expect(page.locator("#step-log .log-gap")).to_have_text("Earlier steps are not shown.")
+    expect(page.locator("#task-result")).to_contain_text('"rows": 6')
+    assert log_entries(page) == []  # no rows 7..9 pretending to be the whole history
+    assert page_errors == []
+
+
+def test_logout_ends_the_session_on_the_server(
+    page: Page, server: ServerProcess, page_errors: list[str]
+) -> None:
+    """Log out POSTs /auth/logout with the token, then forgets it (a 404 is ignored)."""
+    expect = _expect()
+    register_through_form(page, server, "lou")
+    token = page_token(page)
+    with page.expect_response(re.compile(r"/api/v1/auth/logout$")) as answer:
+        page.get_by_role("button", name="Log out").click()
+    request = answer.value.request
+    assert request.method == "POST"
+    assert request.headers["authorization"] == f"Bearer {token}"
+    assert answer.value.status == 404  # this server has no such route: still logged out
+    expect(page.locator("#login-form")).to_be_visible()
+    expect(page.locator("#auth-message")).to_contain_text("logged out")
+    assert page.evaluate("() => sessionStorage.getItem('progress.session')") is None
+    assert page_errors == []
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(401, "session_expired"), (429, "rate_limited")], ids=["401", "429"]
+)
+def test_revoked_session_shows_the_login_form(
+    page: Page, server: ServerProcess, status: int, code: str, page_errors: list[str]
+) -> None:
+    """Sockets closed 4401 and no fresh token from refresh: the login form, no loop."""
+    expect = _expect()
+    register_through_form(page, server, "rita")
+    sockets: list[str] = []
+    refreshes: list[str] = []
+
+    def revoked(ws: WebSocketRoute) -> None:
+        # What a server does with a revoked session's socket: accept, then close 4401.
+        sockets.append(ws.url)
+        ws.close(code=4401, reason="session revoked")
+
+    def refuse(route: Route) -> None:
+        refreshes.append(route.request.url)
+        error = {"code": code, "message": "no", "fields": {}}
+        route.fulfill(status=status, json={"error": error})
+
+    page.route_web_socket(re.compile(r"/api/v1/ws"), revoked)
+    page.route(re.compile(r"/api/v1/auth/refresh$"), refuse)
+    page.reload()
+    expect(page.locator("#login-form")).to_be_visible()
+    expect(page.locator("#auth-message")).to_contain_text("session has expired")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "closed")
+    # Closed for good: these counts are final.
+    assert len(sockets) == 1
+    assert len(refreshes) == 1
+    assert page.evaluate("() => sessionStorage.getItem('progress.session')") is None
+    assert page_errors == []
+
+
+class _InlineFinder(html.parser.HTMLParser):
+    """Collects what a CSP without 'unsafe-inline' refuses in an HTML file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        names = {name for name, _ in attrs}
+        if tag == "style":
+            self.found.append("<style>")
+        if tag == "script" and "src" not in names:
+            self._in_script = True
+        self.found += [f"{tag} {name}=" for name in names if name == "style"]
+        self.found += [f"{tag} {name}=" for name in names if name.startswith("on")]
+        self.found += [
+            f"{tag} {name}=javascript:"
+            for name, value in attrs
+            if (value or "").strip().lower().startswith("javascript:")
+        ]
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script and data.strip():
+            self.found.append("inline <script>")
+
+
+def test_static_files_need_no_inline_code_or_style() -> None:
+    """No inline script, <style>, style="" or on* attribute in static/; no style from JS text."""
+    found: list[str] = []
+    for file in sorted(STATIC.rglob("*.html")):
+        finder = _InlineFinder()
+        finder.feed(file.read_text())
+        found += [f"{file.name}: {what}" for what in finder.found]
+    # JS may set element.style properties (CSSOM); it must not parse style or code from text.
+    banned = re.compile(
+        r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function"
+        r"|setAttribute\(\s*[\"']style|\.cssText|setAttribute\(\s*[\"']on"
+    )
+    for file in sorted(STATIC.rglob("*.js")):
+        for n, line in enumerate(file.read_text().splitlines(), 1):
+            if banned.search(line):
+                found.append(f"{file.name}:{n}: {line.strip()}")
+    assert found == []
+
+
+def test_page_works_under_the_content_security_policy(
+    page: Page, make_server: Callable[..., ServerProcess], page_errors: list[str]
+) -> None:
+    """With the server's CSP on the page: log in, run an analysis, log out; no violation."""
+    expect = _expect()
+    server = make_server(0.05)
+
+    def with_csp(route: Route) -> None:
+        response = route.fetch()
+        route.fulfill(
+            response=response, headers={**response.headers, "content-security-policy": CSP}
+        )
+
+    page.route(re.compile(r"^" + re.escape(server.url) + r"/(\?.*)?$"), with_csp)
+    page.add_init_script(
+        """window.__csp = [];
+        document.addEventListener('securitypolicyviolation',
+          (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));"""
+    )
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(msg.text))
+    register_through_form(page, server, "cspuser")
+    applied = page.evaluate(
+        "async () => (await fetch(location.href)).headers.get('content-security-policy')"
+    )
+    start_analysis(page, "600519")
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    expect(page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    width = page.locator("#task-progress .progress-fill").evaluate("el => el.style.width")
+    page.get_by_role("button", name="Log out").click()
+    expect(page.locator("#login-form")).to_be_visible()
+    assert applied == CSP  # the policy was really in force
+    assert width == "100%"  # set through the CSSOM, which the policy allows
+    assert page.evaluate("() => window.__csp") == []
+    assert [line for line in console if "Content Security Policy" in line] == []
     assert page_errors == []

@@ -220,7 +220,7 @@ def test_unsubscribe_stops_delivery(harness: Page) -> None:
     )
     assert result["seen"] == [1]
     assert result["sent"] == [
-        {"action": "subscribe", "task_id": "T", "id": "sub:T", "last_seq": 0},
+        {"action": "subscribe", "task_id": "T", "id": "sub:1", "last_seq": 0},
         {"action": "unsubscribe", "task_id": "T"},
     ]
 
@@ -449,3 +449,239 @@ def test_close_leaves_no_timer_or_listener(harness: Page) -> None:
     assert result["socketsLater"] == result["sockets"]
     assert result["state"] == "closed"
     assert result["closeCalled"] == {"code": 1000, "reason": "client closed"}
+
+
+def test_short_lived_connections_back_off_and_count(harness: Page) -> None:
+    """Connections closed right after they open back off exponentially and run out."""
+    result = js(
+        harness,
+        """
+        const { client, clock, events } = makeClient({ random: () => 0.9999, maxAttempts: 5 });
+        client.connect();
+        await flush();
+        for (let i = 0; i < 20 && client.state !== "closed"; i++) {
+          FakeWebSocket.last.serverOpen();
+          FakeWebSocket.last.serverSend({ type: "pong" });
+          FakeWebSocket.last.serverClose(4008, "slow consumer");
+          if (client.state !== "reconnecting") break;
+          clock.advance(events.states.at(-1).delay);
+          await flush();
+        }
+        return { waits: events.states.filter((s) => s.delay !== null).map((s) => s.delay),
+                 state: client.state, kind: client.closeInfo.kind, pending: clock.pending,
+                 sockets: FakeWebSocket.instances.length,
+                 opens: events.opens.map((o) => o.attempt) };
+        """,
+    )
+    assert result["waits"] == [499, 999, 1999, 3999, 7999]
+    assert result["state"] == "closed" and result["kind"] == "exhausted"
+    assert result["pending"] == 0
+    assert result["sockets"] == 6  # the first connect + 5 reconnects
+    assert result["opens"] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_connection_that_lasts_starts_the_count_again(harness: Page) -> None:
+    """Open for stableAfter ms resets the attempts; open for less does not."""
+    result = js(
+        harness,
+        """
+        const { client, clock, events } = makeClient({ random: () => 0.9999, stableAfter: 5000 });
+        const dropAfter = async (ms) => {
+          FakeWebSocket.last.serverOpen();
+          clock.advance(ms);
+          FakeWebSocket.last.serverClose(1006, "", false);
+          const wait = events.states.at(-1);
+          clock.advance(wait.delay);
+          await flush();
+          return [wait.attempt, wait.delay];
+        };
+        client.connect();
+        await flush();
+        const waits = [];
+        for (const ms of [10, 4999, 10, 5000, 10]) waits.push(await dropAfter(ms));
+        client.close();
+        return { waits, pending: clock.pending };
+        """,
+    )
+    assert result["waits"] == [[1, 499], [2, 999], [3, 1999], [1, 499], [2, 999]]
+    assert result["pending"] == 0
+
+
+def test_repeated_4401_backs_off(harness: Page) -> None:
+    """One 4401 reconnects at once; 4401 again before a stable connection backs off."""
+    result = js(
+        harness,
+        """
+        let n = 0;
+        const { client, clock, events } = makeClient({
+          random: () => 0.9999,
+          maxAttempts: 3,
+          token: () => `tok${++n}`,   // a fresh token each time, still refused
+        });
+        client.connect();
+        await flush();
+        const log = [];
+        for (let i = 0; i < 10 && client.state !== "closed"; i++) {
+          FakeWebSocket.last.serverOpen();
+          FakeWebSocket.last.serverClose(4401, "session revoked");
+          await flush();
+          const waiting = client.state === "reconnecting" && clock.pending === 1;
+          const delay = waiting ? events.states.at(-1).delay : null;
+          log.push({ sockets: FakeWebSocket.instances.length, delay });
+          if (waiting) {
+            clock.advance(delay);
+            await flush();
+          }
+        }
+        const tail = { state: client.state, kind: client.closeInfo.kind, pending: clock.pending };
+        // After a connection that lasted, a 4401 is retried at once again.
+        client.connect();
+        await flush();
+        FakeWebSocket.last.serverOpen();
+        clock.advance(10000);
+        FakeWebSocket.last.serverClose(4401, "token expired");
+        await flush();
+        return { log, ...tail, afterStable: FakeWebSocket.instances.length,
+                 reopened: client.state, urls: FakeWebSocket.instances.map((w) => w.url) };
+        """,
+    )
+    assert result["log"] == [
+        {"sockets": 2, "delay": None},  # the first 4401: reconnected at once
+        {"sockets": 2, "delay": 499},
+        {"sockets": 3, "delay": 999},
+        {"sockets": 4, "delay": 1999},
+        {"sockets": 5, "delay": None},  # attempts spent
+    ]
+    assert result["state"] == "closed" and result["kind"] == "exhausted"
+    assert result["pending"] == 0
+    assert result["afterStable"] == 7 and result["reopened"] == "reconnecting"
+    assert len(set(result["urls"])) == 7  # each attempt had its own token
+
+
+def test_same_token_after_4401_is_an_auth_failure(harness: Page) -> None:
+    """A provider that offers again the token refused with 4401 stops the client (auth)."""
+    result = js(
+        harness,
+        """
+        const { client, clock, events } = makeClient({ token: () => "revoked" });
+        client.connect();
+        await flush();
+        FakeWebSocket.last.serverOpen();
+        FakeWebSocket.last.serverClose(4401, "session revoked");
+        await flush();
+        clock.advance(600000);
+        await flush();
+        return { state: client.state, info: client.closeInfo, pending: clock.pending,
+                 sockets: FakeWebSocket.instances.length, last: events.states.at(-1),
+                 errors: events.errors.map((e) => e.type) };
+        """,
+    )
+    assert result["state"] == "closed"
+    assert result["info"]["kind"] == "auth" and result["info"]["code"] == 4401
+    assert result["last"]["state"] == "closed" and result["last"]["kind"] == "auth"
+    assert result["sockets"] == 1
+    assert result["pending"] == 0
+    assert result["errors"] == ["token"]
+
+
+def test_subscribe_replies_are_routed_by_id(harness: Page) -> None:
+    """Each subscribe has an id of its own; a snapshot or error carrying it reaches its handler."""
+    result = js(
+        harness,
+        """
+        const { client, events } = makeClient();
+        const seen = { T: [], U: [] };
+        client.subscribe("T", (m) => seen.T.push([m.type, m.code ?? m.task?.seq ?? m.seq]));
+        client.subscribe("U", (m) => seen.U.push([m.type, m.code ?? m.task?.seq ?? m.seq]));
+        client.connect();
+        await flush();
+        const ws = FakeWebSocket.last;
+        ws.serverOpen();
+        const [t, u] = ws.sent;
+        ws.serverSend({ type: "error", code: "rate_limited", message: "slow down", id: u.id });
+        ws.serverSend({ type: "snapshot", task: { id: "T", seq: 3 }, id: t.id });
+        ws.serverSend({ type: "error", code: "bad_request", message: "no id" });
+        ws.serverSend({ type: "error", code: "rate_limited", message: "not ours", id: "other" });
+        return { ids: [t.id, u.id], seen, messages: events.messages.length,
+                 errors: events.errors, still: [client.lastSeq("T"), client.lastSeq("U")] };
+        """,
+    )
+    t_id, u_id = result["ids"]
+    assert t_id != u_id and isinstance(t_id, str) and isinstance(u_id, str)
+    assert result["seen"] == {"T": [["snapshot", 3]], "U": [["error", "rate_limited"]]}
+    assert result["messages"] == 4  # onMessage still sees every message
+    assert result["errors"] == []  # rate_limited does not end the subscription
+    assert result["still"] == [3, None]
+
+
+@pytest.mark.parametrize("code", ["not_found", "forbidden"])
+def test_refused_subscription_ends_and_is_not_resubscribed(harness: Page, code: str) -> None:
+    """not_found/forbidden ends the subscription: reported once, never sent again."""
+    result = js(
+        harness,
+        """
+        const { client, clock, events } = makeClient();
+        const seen = [];
+        const kept = [];
+        const stop = client.subscribe("GONE", (m) => {
+          seen.push([m.type, m.code, client.lastSeq("GONE")]);
+        }, { lastSeq: 4 });
+        client.subscribe("KEPT", (m) => kept.push(m.seq));
+        client.connect();
+        await flush();
+        const first = FakeWebSocket.last;
+        first.serverOpen();
+        const gone = first.sent.find((m) => m.task_id === "GONE");
+        first.serverSend({ type: "error", code: arg, message: "task not found", id: gone.id });
+        first.serverSend({ type: "error", code: arg, message: "task not found", id: gone.id });
+        first.serverSend({ type: "event", task_id: "GONE", seq: 5 });
+        stop();  // the page's own stop() after the error: nothing to unsubscribe
+        const sentBefore = first.sent.length;
+        first.serverClose(1006, "", false);
+        clock.advance(events.states.at(-1).delay);
+        await flush();
+        const second = FakeWebSocket.last;
+        second.serverOpen();
+        second.serverSend({ type: "event", task_id: "KEPT", seq: 1 });
+        return { seen, kept, sentBefore, firstSent: first.sent,
+                 resub: second.sent.map((m) => m.task_id),
+                 errors: events.errors.filter((e) => e.type === "subscription"),
+                 lastSeq: client.lastSeq("GONE") };
+        """,
+        code,
+    )
+    assert result["seen"] == [["error", code, None]]
+    assert result["sentBefore"] == 2  # the two subscribes; no unsubscribe
+    assert [m["action"] for m in result["firstSent"]] == ["subscribe", "subscribe"]
+    assert result["resub"] == ["KEPT"]
+    assert result["kept"] == [1]
+    assert len(result["errors"]) == 1
+    err = result["errors"][0]
+    assert err["taskId"] == "GONE" and err["code"] == code
+    assert result["lastSeq"] is None
+
+
+def test_a_late_reply_to_an_earlier_subscribe_is_not_misrouted(harness: Page) -> None:
+    """A subscription dropped and made again gets a new id; replies to the old one miss it."""
+    result = js(
+        harness,
+        """
+        const { client } = makeClient();
+        client.connect();
+        await flush();
+        const ws = FakeWebSocket.last;
+        ws.serverOpen();
+        const seen = [];
+        const stop = client.subscribe("T", () => {});
+        stop();
+        client.subscribe("T", (m) => seen.push(m.code));
+        const [oldSub, , newSub] = ws.sent;
+        ws.serverSend({ type: "error", code: "not_found", message: "x", id: oldSub.id });
+        const after = client.lastSeq("T") === null && seen.length === 0;
+        ws.serverSend({ type: "error", code: "not_found", message: "x", id: newSub.id });
+        return { ids: [oldSub.id, newSub.id], after, seen };
+        """,
+    )
+    assert result["ids"][0] != result["ids"][1]
+    assert result["after"] is True
+    assert result["seen"] == ["not_found"]
