@@ -56,8 +56,9 @@ EMOJI_COUNT = 65536
 SLOW_READ_BPS = 8 * 1024
 SLOW_POST_RATE = 20.0
 BIG_EVENT = 16 * 1024
-#: Addresses the hash flood and the 1 MiB logins come from, in turn.
-FLOOD_ADDRESSES = 8
+#: Requests of the hash flood in flight at once.
+FLOOD_CONCURRENCY = 16
+#: Addresses the 1 MiB logins come from, in turn (the hash flood's: a size).
 BIG_LOGIN_ADDRESSES = 64
 #: Most sockets each hoarding account opens (the default per-user limit is 64).
 HOARD_MAX = 4 * max(DEFAULTS.max_connections_per_user, 64)
@@ -373,7 +374,7 @@ async def hash_flood(plan: Plan, tallies: dict[str, Tally]) -> None:
         async def attempt(i: int) -> None:
             headers = {
                 "Content-Type": "application/json",
-                "X-Forwarded-For": f"{BAD_NET}{64 + i % FLOOD_ADDRESSES}",
+                "X-Forwarded-For": f"{BAD_NET}{64 + i % plan.sizes.abuse_flood_addresses}",
             }
             if i % 2:
                 path = "/api/v1/auth/login"
@@ -384,7 +385,7 @@ async def hash_flood(plan: Plan, tallies: dict[str, Tally]) -> None:
             body = json.dumps(creds).encode()
             await _http(session, tally, "POST", plan.base + path, headers, body)
 
-        await _loop(plan, 2 * FLOOD_ADDRESSES, plan.sizes.abuse_flood_cap, attempt)
+        await _loop(plan, FLOOD_CONCURRENCY, plan.sizes.abuse_flood_cap, attempt)
 
 
 async def _hold_socket(
@@ -491,8 +492,9 @@ async def _linger(
 
 def _silent_end(how: str, age: float, plan: Plan) -> str:
     """A connection ended without an answer: "closed" / "reset" at or after the header
-    timeout (the documented end), "... early" before it (a server falling over, say)."""
-    return how if age >= plan.header_timeout - 1 else f"{how} early"
+    timeout (the documented end), "closed_early" / "reset_early" before it (a server
+    falling over, say; one word, so that "closed" does not match it)."""
+    return how if age >= plan.header_timeout - 1 else f"{how}_early"
 
 
 async def idle_and_slowloris(plan: Plan, tallies: dict[str, Tally]) -> None:

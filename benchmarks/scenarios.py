@@ -61,11 +61,16 @@ class Sizes:
     abuse_slow_replayers: int = 20
     abuse_replay_history: int = 600  # 16 KiB events on the slow replayers' task beforehand
     abuse_flood_cap: int = 3000  # most requests of the hash flood
+    abuse_flood_addresses: int = 8  # addresses the hash flood comes from, in turn
     abuse_job_cap: int = 3000  # most requests of the job loop
     abuse_big_cap: int = 200  # most requests of each 1 MiB / nested / emoji attack
     #: --header-timeout for the server (0: its default). The quick run is shorter than the
     #: default 20 s, so it lowers it to see idle connections closed.
     abuse_header_timeout: float = 0.0
+    #: Attacker processes to run, comma-separated (benchmarks/attackers.py ATTACKERS:
+    #: json_bombs, big_logins, hash_flood, socket_hoarding, idle, job_loop, slow_replay);
+    #: empty: all of them.
+    abuse_attacks: str = ""
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -100,6 +105,8 @@ class Sizes:
             abuse_slow_replayers=4,
             abuse_replay_history=60,
             abuse_flood_cap=300,
+            # Few enough that the flood outruns the per-address auth rate within 9 s.
+            abuse_flood_addresses=2,
             # Past the default task-creation burst, so that a 429 can be seen in 9 s.
             abuse_job_cap=800,
             abuse_big_cap=30,
