@@ -44,11 +44,19 @@ class WorkerSpec:
     #: JSON file {"checkpoint": {task: seq}, "final": {task: seq}} written by the orchestrator
     #: (restart storm): a client is caught up at the checkpoint seqs, done at the final ones.
     goal_file: str = ""
+    #: Per client: its own URL (token of its own user) and handshake headers (a fake
+    #: X-Forwarded-For address). Empty: every client uses `url` and no extra headers.
+    urls: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    #: Also report each latency sample's send time and each disconnect (abuse scenario,
+    #: which splits one run into phases).
+    timeline: bool = False
 
 
 @dataclass
 class ClientState:
     tasks: list[str]
+    index: int = 0
     last_seq: dict[str, int] = field(default_factory=dict)
     received: int = 0
     gaps: int = 0
@@ -68,10 +76,16 @@ class Worker:
         self.goals: dict[str, dict[str, int]] = {}
         #: The first few gaps seen, for diagnosis.
         self.gap_samples: list[dict[str, Any]] = []
+        #: Send time of each latency sample (spec.timeline only), parallel to `latencies`.
+        self.sent_at: list[float] = []
+        #: (client index, time.monotonic(), close code) per connection the server ended.
+        self.disconnects: list[tuple[int, float, int | None]] = []
+        #: Error messages received ({"type": "error"}).
+        self.error_messages = 0
 
     async def run(self, ready: Any) -> dict[str, Any]:
         spec = self.spec
-        states = [ClientState(tasks) for tasks in spec.clients]
+        states = [ClientState(tasks, index=i) for i, tasks in enumerate(spec.clients)]
         started = time.monotonic()
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
         timeout = aiohttp.ClientTimeout(total=None, connect=30)
@@ -118,16 +132,23 @@ class Worker:
             "shed": self.shed,
             "stalled_closed": stalled_closed,
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "sent_at": self.sent_at,
+            "disconnects": self.disconnects,
+            "error_messages": self.error_messages,
+            "last_seqs": [s.last_seq for s in states],
         }
 
     async def _open(
         self, session: aiohttp.ClientSession, state: ClientState
     ) -> aiohttp.ClientWebSocketResponse:
         """Connect and subscribe (with last_seq once known), retrying with jittered backoff."""
+        spec = self.spec
+        url = spec.urls[state.index] if spec.urls else spec.url
+        headers = spec.headers[state.index] if spec.headers else None
         attempt = 0
         while True:
             try:
-                ws = await session.ws_connect(self.spec.url, max_msg_size=0, heartbeat=None)
+                ws = await session.ws_connect(url, headers=headers, max_msg_size=0, heartbeat=None)
                 for task_id in state.tasks:
                     message: dict[str, Any] = {"action": "subscribe", "task_id": task_id}
                     if task_id in state.last_seq:
@@ -144,6 +165,8 @@ class Worker:
             attempt += 1
             if time.monotonic() > self.spec.deadline:
                 raise TimeoutError("could not connect before the deadline")
+            if spec.hold and self.stop.is_set():  # a dead server must not keep us past stop
+                raise TimeoutError("told to stop while reconnecting")
             await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
 
     async def _connect_all(
@@ -212,6 +235,8 @@ class Worker:
                 aiohttp.WSMsgType.CLOSING,
                 aiohttp.WSMsgType.ERROR,
             ):
+                if spec.timeline:
+                    self.disconnects.append((state.index, time.monotonic(), ws.close_code))
                 if not spec.reconnect:
                     return
                 state.reconnects += 1
@@ -244,6 +269,9 @@ class Worker:
         if kind == "snapshot":  # recovered: false would land here; treat as a reset
             state.last_seq[data["task"]["id"]] = data["task"]["seq"]
             return
+        if kind == "error":
+            self.error_messages += 1
+            return
         if kind != "event":
             return
         task_id, seq = data["task_id"], data["seq"]
@@ -261,9 +289,12 @@ class Worker:
         if data.get("event") == "progress":
             state.received += 1
             try:
-                self.latencies.append(now - float(data["message"].split(" ", 1)[0]))
+                sent = float(data["message"].split(" ", 1)[0])
             except (ValueError, AttributeError, KeyError):
-                pass
+                return
+            self.latencies.append(now - sent)
+            if self.spec.timeline:
+                self.sent_at.append(sent)
 
     def _stall_client(self) -> socket.socket:
         """A raw client that subscribes and then never reads: its buffers fill up."""

@@ -1,4 +1,4 @@
-"""Run the benchmark suite: python -m benchmarks.run [--quick] [--only B1,B4] [--repeat 3]
+"""Run the benchmark suite: python -m benchmarks.run [--quick] [--only B1,abuse] [--repeat 3]
 
 Starts the real server (and the bare-aiohttp reference) as subprocesses on temporary
 databases, drives them from separate client processes on 127.0.0.1, prints a table of
@@ -18,13 +18,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import abuse
 from .scenarios import SCENARIOS, Sizes, median
 from .targets import ROOT, Target, free_port
+
+SCENARIOS = {**SCENARIOS, "abuse": ("abuse resistance", abuse.abuse, False)}
 
 #: Flags for the real server: limits raised so one benchmark user may open thousands of
 #: sockets and post as fast as it can; everything else is the default configuration.
 SERVER_ARGS: list[str] = ["--max-connections-per-user", "0"]
 NAIVE_ARGS = ["--commit-batch-max", "1"]
+#: The abuse scenario keeps the default configuration (its limits are what it measures),
+#: except that X-Forwarded-For from 127.0.0.1 is believed, so that each client and each
+#: attacker can have its own address while all of them connect from 127.0.0.1.
+ABUSE_ARGS = ["--trusted-proxies", "127.0.0.1"]
+#: --server-args, which apply to every variant.
+EXTRA_ARGS: list[str] = []
 
 #: (scenario, figure, compared with, how): the targets of the performance issue.
 TARGETS = [
@@ -37,18 +46,27 @@ TARGETS = [
 ]
 
 
-def variants(scenario: str, with_reference: bool) -> list[tuple[str, list[str]]]:
-    out = [("server", SERVER_ARGS)]
+def variants(scenario: str, with_reference: bool, sizes: Sizes) -> list[tuple[str, list[str]]]:
+    if scenario == "abuse":
+        args = ABUSE_ARGS + EXTRA_ARGS
+        if sizes.abuse_header_timeout:
+            args = args + ["--header-timeout", str(sizes.abuse_header_timeout)]
+        return [("server", args)]
+    out = [("server", SERVER_ARGS + EXTRA_ARGS)]
     if with_reference:
         out.append(("reference", []))
     if scenario == "B6":
-        out.append(("naive", SERVER_ARGS + NAIVE_ARGS))
+        out.append(("naive", SERVER_ARGS + EXTRA_ARGS + NAIVE_ARGS))
     return out
 
 
 async def run_once(name: str, args: list[str], scenario: str, sizes: Sizes) -> dict[str, Any]:
     target = Target(
-        name="reference" if name == "reference" else "server", port=free_port(), extra_args=args
+        name="reference" if name == "reference" else "server",
+        port=free_port(),
+        extra_args=args,
+        # The abuse scenario's job loop runs the built-in job at its default pace.
+        fast_jobs=scenario != "abuse",
     )
     target.start()
     try:
@@ -84,10 +102,14 @@ def fmt(value: Any) -> str:
 
 def print_table(results: dict[str, Any]) -> None:
     print()
-    print(
-        f"{'id':4} {'variant':10} {'figure':20} {'min':>10} {'median':>10} {'max':>10} {'ratio':>8}"
-    )
+    if set(results["scenarios"]) - {"abuse"}:
+        print(
+            f"{'id':4} {'variant':10} {'figure':20} {'min':>10} {'median':>10} {'max':>10} "
+            f"{'ratio':>8}"
+        )
     for scenario, by_variant in results["scenarios"].items():
+        if scenario == "abuse":
+            continue  # printed beside its own baseline below
         ref = by_variant.get("reference")
         for variant, figures in by_variant.items():
             for key, stats in figures.items():
@@ -102,6 +124,8 @@ def print_table(results: dict[str, Any]) -> None:
                     f"{scenario:4} {variant:10} {key:20} {fmt(stats['min']):>10} "
                     f"{fmt(stats['median']):>10} {fmt(stats['max']):>10} {ratio:>8}"
                 )
+    if "abuse" in results["scenarios"]:
+        abuse.print_report(results["scenarios"]["abuse"]["server"])
     print()
     for line in results["targets"]:
         print(line)
@@ -134,6 +158,8 @@ def check_targets(results: dict[str, Any]) -> list[str]:
             f"{'MET' if growth <= 64 else 'MISSED'}; stalled closed: min {closed} "
             f"of {b5['stalled']['runs'][0]}"
         )
+    if "abuse" in sc:
+        lines.extend(abuse.targets(sc["abuse"]["server"]))
     if "B7" in sc:
         b7 = sc["B7"]["server"]
         clean = max(b7["gaps"]["runs"]) == 0 and max(b7["dups"]["runs"]) == 0
@@ -147,7 +173,7 @@ def check_targets(results: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(SCENARIOS), help="scenario ids, e.g. B1,B6")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="ids, e.g. B1,B6,abuse")
     parser.add_argument("--repeat", type=int, default=3, help="runs per scenario and variant")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
@@ -160,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     args = parser.parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
-    SERVER_ARGS.extend(args.server_args.split())
+    EXTRA_ARGS.extend(args.server_args.split())
     for f in dataclasses.fields(Sizes):
         value = getattr(args, f.name)
         if value is not None:
@@ -176,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": dataclasses.asdict(sizes),
         "repeat": args.repeat,
         "scenarios": {},
-        "server_args": list(SERVER_ARGS),
+        "server_args": list(SERVER_ARGS + EXTRA_ARGS),
+        "abuse_server_args": list(ABUSE_ARGS + EXTRA_ARGS),
     }
     for scenario in chosen:
         title, _, with_reference = SCENARIOS[scenario]
         results["scenarios"][scenario] = {}
-        for name, extra in variants(scenario, with_reference):
+        for name, extra in variants(scenario, with_reference, sizes):
             runs = []
             for i in range(args.repeat):
                 print(f"{scenario} {title}: {name} run {i + 1}/{args.repeat}", flush=True)

@@ -48,6 +48,29 @@ class Sizes:
     b7_tasks: int = 100
     b7_rate: float = 100
     b7_seconds: float = 6
+    # abuse: the well-behaved load, quiet and then beside the attackers (benchmarks/abuse.py)
+    abuse_subs: int = 200
+    abuse_users: int = 5
+    abuse_tasks_per_user: int = 4
+    abuse_posters: int = 4
+    abuse_post_rate: float = 10.0  # posts per second per poster
+    abuse_quiet_s: float = 20.0
+    abuse_attack_s: float = 40.0
+    abuse_idle: int = 2000  # idle raw TCP connections
+    abuse_slowloris: int = 100
+    abuse_slow_replayers: int = 20
+    abuse_replay_history: int = 600  # 16 KiB events on the slow replayers' task beforehand
+    abuse_flood_cap: int = 3000  # most requests of the hash flood
+    abuse_flood_addresses: int = 8  # addresses the hash flood comes from, in turn
+    abuse_job_cap: int = 3000  # most requests of the job loop
+    abuse_big_cap: int = 200  # most requests of each 1 MiB / nested / emoji attack
+    #: --header-timeout for the server (0: its default). The quick run is shorter than the
+    #: default 20 s, so it lowers it to see idle connections closed.
+    abuse_header_timeout: float = 0.0
+    #: Attacker processes to run, comma-separated (benchmarks/attackers.py ATTACKERS:
+    #: json_bombs, big_logins, hash_flood, socket_hoarding, idle, job_loop, slow_replay);
+    #: empty: all of them.
+    abuse_attacks: str = ""
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -71,6 +94,23 @@ class Sizes:
             b7_tasks=5,
             b7_rate=40,
             b7_seconds=2,
+            abuse_subs=40,
+            abuse_users=2,
+            abuse_tasks_per_user=2,
+            abuse_post_rate=5,
+            abuse_quiet_s=4,
+            abuse_attack_s=9,
+            abuse_idle=300,
+            abuse_slowloris=20,
+            abuse_slow_replayers=4,
+            abuse_replay_history=60,
+            abuse_flood_cap=300,
+            # Few enough that the flood outruns the per-address auth rate within 9 s.
+            abuse_flood_addresses=2,
+            # Past the default task-creation burst, so that a 429 can be seen in 9 s.
+            abuse_job_cap=800,
+            abuse_big_cap=30,
+            abuse_header_timeout=4,
         )
 
 

@@ -53,6 +53,8 @@ class Target:
     db_dir: Path | None = None
     token: str = ""
     log_path: Path | None = None
+    #: Run the built-in job with no delay between steps (benchmarks that do not use it).
+    fast_jobs: bool = True
 
     @property
     def base(self) -> str:
@@ -73,8 +75,7 @@ class Target:
             str(self.port),
             "--db",
             str(self.db_dir / "bench.db"),
-            "--job-step-delay",
-            "0",
+            *(["--job-step-delay", "0"] if self.fast_jobs else []),
             *self.extra_args,
         ]
 
