@@ -33,6 +33,7 @@ from .keys import (
     hub_key,
     jobs_key,
     metrics_key,
+    resumed_jobs_key,
     retention_key,
     store_key,
     task_rate_key,
@@ -43,6 +44,7 @@ from .keys import (
 )
 from .logs import log_path
 from .metrics import Metrics, metrics_handler, response_counter
+from .middleware import request_deadline
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,8 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
         await history.start()
         retention.start()
         resumed = await jobs.resume_unfinished(await store.tasks_to_resume(jobs.kinds))
+        app[resumed_jobs_key] = resumed  # server.ready is logged by serve.py, once bound
         sweeper = asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")
-        log.info("server.ready db=%s resumed_jobs=%d", config.db_path, resumed)
         try:
             yield
         finally:
@@ -203,7 +205,10 @@ async def _close_websockets(app: web.Application) -> None:
 
 def create_app(config: Config) -> web.Application:
     """Build the application; services start in a cleanup context when it starts."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, request_deadline(config.header_timeout)],
+        client_max_size=config.max_body_bytes,
+    )
     app[config_key] = config
     app[metrics_key] = metrics = Metrics(config.db_path)
     app.on_response_prepare.append(response_counter(metrics.requests))

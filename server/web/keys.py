@@ -37,3 +37,5 @@ task_rate_key = web.AppKey("task_rate", KeyedBuckets)
 #: Open WebSocket connections per user: the --max-connections-per-user limit.
 ws_slots_key = web.AppKey("ws_slots", UserSlots)
 admission_key = web.AppKey("admission", Admission)
+#: Built-in jobs resumed at start (for the server.ready line).
+resumed_jobs_key = web.AppKey("resumed_jobs", int)
