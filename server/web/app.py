@@ -44,7 +44,7 @@ from .keys import (
 )
 from .logs import log_path
 from .metrics import Metrics, metrics_handler, response_counter
-from .middleware import request_deadline
+from .middleware import request_deadline, security_headers
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ def create_app(config: Config) -> web.Application:
     app[config_key] = config
     app[metrics_key] = metrics = Metrics(config.db_path)
     app.on_response_prepare.append(response_counter(metrics.requests))
+    app.on_response_prepare.append(security_headers)
     secret = config.jwt_secret or load_or_create_secret(config.secret_path)
     app[tokens_key] = TokenService(secret, config.token_ttl)
     app[websockets_key] = weakref.WeakSet()
