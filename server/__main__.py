@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from .auth import SecretFileError
 from .config import from_args
 from .process import AlreadyRunning, InstanceLock, StartupError, fit_open_files
 from .store.sqlite_db import DatabaseError
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                     sock.close()
     except AlreadyRunning as exc:
         return _fail(str(exc), 3)
-    except (StartupError, DatabaseError) as exc:
+    except (StartupError, DatabaseError, SecretFileError) as exc:
         return _fail(str(exc), 2)
     except ListenError as exc:
         return _fail(str(exc), 1)

@@ -379,7 +379,10 @@ def metrics_handler(metrics: Metrics, token: str | None) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         if expected is not None:
             given = bearer_token(request.headers.get("Authorization"))
-            if given is None or not hmac.compare_digest(given.encode(), expected):
+            # aiohttp decodes header bytes as UTF-8 with surrogateescape, so a non-UTF-8
+            # byte arrives as a lone surrogate: strict encoding would raise (a 500).
+            given_bytes = given.encode("utf-8", "surrogatepass") if given else None
+            if given_bytes is None or not hmac.compare_digest(given_bytes, expected):
                 raise Unauthorized("metrics token required", code="invalid_token")
         await metrics.refresh()
         return await expose(request)
