@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 FD_RESERVE = 64
 #: Fewest client connections worth starting with; below, the limit is a mistake.
 MIN_CONNECTIONS = 16
+#: When the caps are lowered, at most 1/HTTP_SHARE of the connections is kept for plain
+#: HTTP, out of the room --max-http-connections left above --max-connections.
+HTTP_SHARE = 5
 #: Tried as the soft limit when the hard limit is "unlimited" (Linux caps it at nr_open).
 UNLIMITED_TARGET = 1 << 20
 
@@ -69,10 +72,15 @@ def fit_open_files(config: Config) -> Config:
             f" raise it (ulimit -n) to at least {MIN_CONNECTIONS + FD_RESERVE}"
         )
     # 0 means "no limit" and stays so: the operator chose it.
-    http = min(config.max_http_connections, room) if config.max_http_connections else 0
-    ws = config.max_connections
+    asked_http, asked_ws = config.max_http_connections, config.max_connections
+    http = min(asked_http, room) if asked_http else 0
+    ws = asked_ws
     if ws:
-        ws = min(ws, http or room)
+        tcp = http or room
+        # WebSockets are TCP connections too: when the caps shrink, keep the room for
+        # plain HTTP (workers' posts) that the settings left, up to a fifth of the total.
+        http_room = min(max(asked_http - asked_ws, 0), tcp // HTTP_SHARE) if asked_http else 0
+        ws = min(ws, tcp - http_room)
     if (http, ws) == (config.max_http_connections, config.max_connections):
         return config
     log.warning(

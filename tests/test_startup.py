@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from server.config import Config
-from server.process import FD_RESERVE, fit_open_files, raise_open_files_limit
+from server.process import FD_RESERVE, HTTP_SHARE, fit_open_files, raise_open_files_limit
 
 from .helpers import PASSWORD, SECRET, TIMEOUT
 from .server_process import RUN_PY, ServerProcess, api, clean_env
@@ -76,7 +76,9 @@ def test_caps_over_the_limit_are_lowered_with_one_warning(
     with caplog.at_level(logging.WARNING, logger="server.process"):
         fitted = fit_open_files(config)
     room = limit - FD_RESERVE
-    assert (fitted.max_http_connections, fitted.max_connections) == (room, room)
+    # The settings left 4000 connections for plain HTTP; a fifth of the total at most.
+    http_room = min(4000, room // HTTP_SHARE)
+    assert (fitted.max_http_connections, fitted.max_connections) == (room, room - http_room)
     assert dataclasses.replace(fitted, max_http_connections=0, max_connections=0) == (
         dataclasses.replace(config, max_http_connections=0, max_connections=0)
     )
@@ -91,11 +93,13 @@ async def test_low_open_files_limit_starts_with_a_warning_and_fits(
     tmp_path: Path, unused_tcp_port: int
 ) -> None:
     """Under a low limit (soft 100, hard 200) run.py raises the soft limit, lowers its caps
-    with one WARNING, and refuses the connection past them with 503 instead of failing."""
+    with one WARNING (WebSockets to 4/5 of them), and refuses the connection past them
+    with 503 instead of running out of descriptors."""
     port = unused_tcp_port
     log = tmp_path / "server.log"
     cmd = [sys.executable, str(RUN_PY), "--host", "127.0.0.1", "--port", str(port),
-           "--db", str(tmp_path / "app.db"), "--jwt-secret", SECRET]  # fmt: skip
+           "--db", str(tmp_path / "app.db"), "--jwt-secret", SECRET,
+           "--max-http-connections", "24576", "--max-connections", "20000"]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -110,7 +114,8 @@ async def test_low_open_files_limit_starts_with_a_warning_and_fits(
         room = 200 - FD_RESERVE
         assert "level=WARNING" in warnings[0]
         assert f"open_files=200 reserve={FD_RESERVE} max_http_connections={room}" in warnings[0]
-        assert f"max_connections={room}" in warnings[0]
+        assert f"max_connections={room - room // HTTP_SHARE}" in warnings[0]
+        assert "requested_http=24576 requested_ws=20000" in warnings[0]
         # room - 1 idle connections, then a keep-alive client in the last slot.
         for _ in range(room - 1):
             conns.append((await asyncio.open_connection("127.0.0.1", port))[1])

@@ -110,6 +110,9 @@ class GuardedRequestHandler(web.RequestHandler):
     is closed: it sent nothing, or dribbles its headers (slowloris).
     """
 
+    # Slots, as in RequestHandler: one of these per open connection.
+    __slots__ = ("_gate", "_clock", "_header_timeout", "_head_deadline", "_in_request")
+
     def __init__(
         self,
         manager: web.Server,
