@@ -13,8 +13,10 @@ What aiohttp 3.14 (`web_protocol.RequestHandler`) gives and what it does not:
   partly received still counts as waiting. We pass `--keepalive-timeout` to it.
 - It has no deadline for a request's head: a client that dribbles its headers is only
   dropped by that keep-alive timer. `GuardedRequestHandler` adds `--header-timeout`,
-  counted from the connection's first byte or, on a kept-alive connection, from the
-  first byte after the previous request.
+  counted from the connection's opening or, on a kept-alive connection, from the first
+  byte after the previous request. (A next request that starts arriving while the
+  previous one is still in its handler is left to the keep-alive timer: which bytes
+  belong to which request only aiohttp's parser knows.)
 - It reads a body only when the handler asks, without a deadline: `middleware.
   request_deadline` reads it first, under `--header-timeout`.
 - It has no connection cap: `ConnectionGate` is the listening sockets' protocol factory
@@ -271,13 +273,17 @@ class ConnectionGate:
             # Jittered, so that refused clients do not all come back at once.
             return _Refusal(self, full_answer(random.randint(2, 10)))
         self.open += 1
-        return GuardedRequestHandler(
-            self._server,
-            self,
-            loop=self._loop,
-            header_timeout=self._header_timeout,
-            **self._handler_kwargs,
-        )
+        try:
+            return GuardedRequestHandler(
+                self._server,
+                self,
+                loop=self._loop,
+                header_timeout=self._header_timeout,
+                **self._handler_kwargs,
+            )
+        except BaseException:
+            self.open -= 1
+            raise
 
     def closed(self) -> None:
         self.open -= 1
