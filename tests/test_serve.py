@@ -171,6 +171,7 @@ async def test_slow_clients_are_dropped_and_the_cap_refuses_the_excess(
         healthz = f"{server.base_url}/healthz"
         async with normal.get(healthz) as resp:
             assert resp.status == 200
+            await resp.read()  # all of it, so the connection goes back to the pool
         # Full (the answer above means the 7 before it were accepted): a new connection is
         # answered at once, without sending anything.
         over = await Raw.open(server)
@@ -186,6 +187,7 @@ async def test_slow_clients_are_dropped_and_the_cap_refuses_the_excess(
         # The client holding a slot is still served.
         async with normal.get(healthz) as resp:
             assert resp.status == 200
+            await resp.read()  # all of it, so the connection goes back to the pool
 
         # Every slow connection is dropped, the dribblers while still dribbling.
         async with asyncio.timeout(DROP_BOUND):
