@@ -4,34 +4,44 @@ from __future__ import annotations
 
 import sys
 
-from aiohttp import web
-
+from .auth import SecretFileError
 from .config import from_args
+from .process import AlreadyRunning, InstanceLock, StartupError, fit_open_files
 from .store.sqlite_db import DatabaseError
 from .web.app import create_app
-from .web.logs import AccessLogger, setup_logging
+from .web.logs import setup_logging
+from .web.serve import ListenError, listen, serve
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (0); 1: cannot listen, 2: cannot use its files, 3: locked."""
     config = from_args(argv)
     setup_logging(config.log_level, config.log_format)
     try:
-        app = create_app(config)
-        web.run_app(
-            app,
-            host=config.host,
-            port=config.port,
-            access_log_class=AccessLogger,
-            shutdown_timeout=config.shutdown_timeout,
-            print=None,
-        )
-    except DatabaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. the port is taken, or the database folder is not writable
-        print(f"error: cannot start the server: {exc}", file=sys.stderr)
-        return 1
+        config = fit_open_files(config)
+        # Before anything is touched: a second server on this database stops here.
+        with InstanceLock(config.lock_path, config.db_path):
+            # Bound before the app starts, so a taken port leaves the database alone.
+            sockets = listen(config.host, config.port)
+            try:
+                serve(create_app(config), sockets)
+            finally:
+                for sock in sockets:
+                    sock.close()
+    except AlreadyRunning as exc:
+        return _fail(str(exc), 3)
+    except (StartupError, DatabaseError, SecretFileError) as exc:
+        return _fail(str(exc), 2)
+    except ListenError as exc:
+        return _fail(str(exc), 1)
+    except OSError as exc:  # e.g. the database folder is not writable
+        return _fail(f"cannot start the server: {exc}", 1)
     return 0
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -69,9 +70,23 @@ async def verify_password(password: str, stored: str | None) -> bool:
     return ok and stored is not None
 
 
+class SecretFileError(RuntimeError):
+    """The stored JWT secret cannot be trusted; the message says what to do."""
+
+
 def load_or_create_secret(path: Path) -> str:
-    """The JWT secret at `path`, created (mode 0600) on first use: tokens survive restarts."""
+    """The JWT secret at `path`, created (mode 0600) on first use: tokens survive restarts.
+
+    Raises:
+        SecretFileError: the file exists and its mode lets group or others at it. Whoever
+            can read the secret can sign tokens for any user, so the server refuses to
+            start rather than use it (as ssh refuses a private key readable by others).
+    """
     if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            what = "readable" if mode & 0o044 else "writable"
+            raise SecretFileError(f"{path} is {what} by others; chmod 600 {path}")
         secret = path.read_text(encoding="ascii").strip()
         if len(secret) >= 32:
             return secret

@@ -263,6 +263,18 @@ class Store:
         rows = await self._db.fetch("SELECT status, COUNT(*) FROM tasks GROUP BY status")
         return {row[0]: row[1] for row in rows}
 
+    async def count_unfinished(self, kinds: Iterable[str]) -> int:
+        """How many tasks of the given kinds are pending or running (jobs to resume)."""
+        wanted = list(kinds)
+        if not wanted:
+            return 0
+        rows = await self._db.fetch(
+            "SELECT COUNT(*) FROM tasks WHERE status IN ('pending', 'running')"
+            f" AND kind IN ({','.join('?' * len(wanted))})",
+            wanted,
+        )
+        return int(rows[0][0])
+
     async def tasks_to_resume(
         self, kinds: Iterable[str], after: tuple[str, str] | None = None, limit: int = 100
     ) -> list[Task]:

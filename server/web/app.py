@@ -36,6 +36,7 @@ from .keys import (
     hub_key,
     jobs_key,
     metrics_key,
+    resumed_jobs_key,
     retention_key,
     store_key,
     task_rate_key,
@@ -46,6 +47,7 @@ from .keys import (
 )
 from .logs import log_path
 from .metrics import Metrics, metrics_handler, response_counter
+from .middleware import request_deadline, security_headers
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +181,11 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
         lag.start()
         await history.start()
         retention.start()
+        # Resumed gradually in the background; server.ready (serve.py, once bound) says how
+        # many are queued.
+        app[resumed_jobs_key] = await store.count_unfinished(jobs.kinds)
         jobs.resume_unfinished(store)
         sweeper = asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")
-        log.info("server.ready db=%s", config.db_path)
         try:
             yield
         finally:
@@ -225,10 +229,14 @@ async def _close_websockets(app: web.Application) -> None:
 
 def create_app(config: Config) -> web.Application:
     """Build the application; services start in a cleanup context when it starts."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, request_deadline(config.header_timeout)],
+        client_max_size=config.max_body_bytes,
+    )
     app[config_key] = config
     app[metrics_key] = metrics = Metrics(config.db_path)
     app.on_response_prepare.append(response_counter(metrics.requests))
+    app.on_response_prepare.append(security_headers)
     secret = config.jwt_secret or load_or_create_secret(config.secret_path)
     app[tokens_key] = TokenService(secret, config.token_ttl)
     app[websockets_key] = weakref.WeakSet()

@@ -39,3 +39,5 @@ create_rate_key = web.AppKey("create_rate", KeyedBuckets)
 #: Open WebSocket connections per user: the --max-connections-per-user limit.
 ws_slots_key = web.AppKey("ws_slots", UserSlots)
 admission_key = web.AppKey("admission", Admission)
+#: Built-in jobs resumed at start (for the server.ready line).
+resumed_jobs_key = web.AppKey("resumed_jobs", int)

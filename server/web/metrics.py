@@ -74,6 +74,13 @@ class _Backlog(Protocol):
     def backlog_bytes(self) -> int: ...
 
 
+class _Listener(Protocol):
+    """What the collector reads of serve.ConnectionGate."""
+
+    open: int
+    limit: int
+
+
 def close_code_label(code: int | None) -> str:
     """The `code` label of a disconnect: known codes as such, "none", or "other"."""
     if code is None:
@@ -108,6 +115,8 @@ class Metrics:
         self.hub: Hub | None = None
         self.jobs: JobRunner | None = None
         self.sockets: weakref.WeakSet[_Backlog] | None = None
+        #: The listening sockets' connection count (set by serve.py; not in test servers).
+        self.listener: _Listener | None = None
         #: Tasks per status as last read from SQLite, and when (monotonic) / at which commit.
         self.task_counts: dict[str, int] = {}
         self._counted_at = -float("inf")
@@ -131,6 +140,9 @@ class Metrics:
     ) -> None:
         self.store, self.tracker, self.hub, self.jobs = store, tracker, hub, jobs
         self.sockets = sockets
+
+    def bind_listener(self, listener: _Listener) -> None:
+        self.listener = listener
 
     async def refresh(self) -> None:
         """Read what collect() must not: task counts (when stale) and file sizes."""
@@ -181,6 +193,17 @@ class ProgressCollector:
         for reason, n in sorted(m.refusals.counts.items()):
             refused.add_metric([reason], n)
         yield refused
+        if m.listener is not None:
+            yield GaugeMetricFamily(
+                "progress_http_connections",
+                "Open TCP connections (HTTP and WebSocket) on this node.",
+                value=m.listener.open,
+            )
+            yield GaugeMetricFamily(
+                "progress_http_connections_limit",
+                "--max-http-connections in force (0: no limit); more are refused with 503.",
+                value=m.listener.limit,
+            )
         yield from self._connections(m.connections)
         if m.hub is not None:
             yield from self._hub(m.hub)
@@ -356,7 +379,10 @@ def metrics_handler(metrics: Metrics, token: str | None) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         if expected is not None:
             given = bearer_token(request.headers.get("Authorization"))
-            if given is None or not hmac.compare_digest(given.encode(), expected):
+            # aiohttp decodes header bytes as UTF-8 with surrogateescape, so a non-UTF-8
+            # byte arrives as a lone surrogate: strict encoding would raise (a 500).
+            given_bytes = given.encode("utf-8", "surrogatepass") if given else None
+            if given_bytes is None or not hmac.compare_digest(given_bytes, expected):
                 raise Unauthorized("metrics token required", code="invalid_token")
         await metrics.refresh()
         return await expose(request)

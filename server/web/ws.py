@@ -57,7 +57,10 @@ RETRY_CONNECT_AFTER = 5
 
 def origin_allowed(origin: str, host: str | None, scheme: str, allowed: tuple[str, ...]) -> bool:
     """True for the server's own origin or one listed exactly; never for "null" or look-alikes."""
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # e.g. "http://[": not a URL at all
+        return False
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         return False
     normalised = f"{parts.scheme}://{parts.netloc}".lower()
@@ -121,10 +124,8 @@ async def _serve(
     # gone: concurrent handshakes of one user cannot all slip under the limit.
     slots = request.app[ws_slots_key]
     if not slots.acquire(identity.user_id):
-        log.info(
-            "ws.refused user=%s reason=too_many_connections limit=%d",
-            identity.user_id,
-            slots.limit,
+        request.app[metrics_key].refusals.note(
+            "ws_too_many_connections", f"user={identity.user_id} limit={slots.limit}"
         )
         raise TooManyRequests(
             f"at most {slots.limit} open WebSocket connections per user; close one first",
@@ -160,8 +161,10 @@ def _admit(request: web.Request) -> None:
     if refusal is None:
         return
     reason, retry_after = refusal
-    app[metrics_key].connections.handshakes_shed += 1
-    log.info("ws.shed reason=%s retry_after=%d peer=%s", reason, retry_after, request.remote)
+    metrics = app[metrics_key]
+    metrics.connections.handshakes_shed += 1
+    # Counted, and logged once per spell: a reconnect storm is thousands of these.
+    metrics.refusals.note(f"ws_{reason}", f"peer={request.remote}")
     raise Unavailable(
         "server busy: retry later" if reason == "overloaded" else "server full: retry later",
         code=reason,
