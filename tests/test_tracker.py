@@ -11,6 +11,7 @@ from server.config import PROJECT_ROOT
 from server.errors import NotFound, TaskFinished
 from server.models import EventType, TaskStatus
 from server.store.sqlite import Store
+from server.store.sqlite_accounts import AccountStore
 from server.store.sqlite_db import open_database
 from server.tracker import Cancel, Complete, Fail, Progress, Tracker, apply_change
 
@@ -19,8 +20,9 @@ from server.tracker import Cancel, Complete, Fail, Progress, Tracker, apply_chan
 async def store(tmp_path):
     db = await open_database(tmp_path / "t.db", PROJECT_ROOT / "migrations" / "sqlite")
     store = Store(db)
-    await store.create_user("owner", "x", "2026-01-01T00:00:00.000Z")
-    await store.create_user("other", "x", "2026-01-01T00:00:00.000Z")
+    accounts = AccountStore(db)
+    await accounts.create_user("owner", "x", "2026-01-01T00:00:00.000Z")
+    await accounts.create_user("other", "x", "2026-01-01T00:00:00.000Z")
     yield store
     await db.close()
 

@@ -1,4 +1,5 @@
-"""All SQL lives here. Returns models; knows nothing of HTTP or WebSockets."""
+"""Tasks, events and subscriptions SQL (accounts: sqlite_accounts.py). Returns models;
+knows nothing of HTTP or WebSockets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..models import Event, EventType, Task, TaskStatus, User
+from ..models import Event, EventType, Task, TaskStatus
 from .sqlite_db import Database
 
 _TASK_COLUMNS = (
@@ -17,10 +18,6 @@ _TASK_COLUMNS = (
     " checkpoint, created_at, updated_at, started_at, finished_at"
 )
 _EVENT_COLUMNS = "task_id, seq, event, status, progress, step, message, result, error, ts"
-
-
-class UsernameTaken(Exception):
-    """Another account already has this username (compared without case)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,39 +179,6 @@ class Store:
         in one call, each query starts from the latest commit.
         """
         yield _Rows(await self._db.fetch(sql, args, bulk=bulk))
-
-    # -- users ---------------------------------------------------------------------------
-
-    async def create_user(self, username: str, password_hash: str, created_at: str) -> User:
-        """Insert a user. Raises UsernameTaken."""
-
-        def insert(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
-                (username, password_hash, created_at),
-            )
-            return cur.lastrowid or 0
-
-        try:
-            user_id = await self._db.write(insert)
-        except sqlite3.IntegrityError as exc:
-            raise UsernameTaken(username) from exc
-        return User(id=user_id, username=username)
-
-    async def find_credentials(self, username: str) -> tuple[User, str] | None:
-        """The user and their password hash, or None."""
-        async with self._query(
-            "SELECT id, username, password_hash FROM users WHERE username = ?", (username,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        return User(id=row["id"], username=row["username"]), row["password_hash"]
-
-    async def get_user(self, user_id: int) -> User | None:
-        async with self._query("SELECT id, username FROM users WHERE id = ?", (user_id,)) as cur:
-            row = await cur.fetchone()
-        return None if row is None else User(id=row["id"], username=row["username"])
 
     # -- tasks and events: reads ---------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -12,7 +13,7 @@ from aiohttp import web
 
 from .. import protocol
 from ..admission import Admission, LoopLag
-from ..auth import TokenService, load_or_create_secret
+from ..auth import LoginThrottle, Passwords, TokenService, load_or_create_secret
 from ..config import Config
 from ..errors import ApiError
 from ..hub import Hub
@@ -20,24 +21,33 @@ from ..jobs import JobRunner
 from ..jobs.prices import SyntheticPriceProvider
 from ..limits import KeyedBuckets, UserSlots
 from ..retention import Retention
+from ..sessions import SessionService
 from ..store.sqlite import Store
+from ..store.sqlite_accounts import AccountStore
 from ..store.sqlite_db import open_database
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
-from . import api, ws
+from . import account, api, ws
+from .guards import parse_networks
 from .keys import (
+    accounts_key,
     admission_key,
+    auth_rate_key,
     config_key,
     db_key,
     history_key,
     hub_key,
     jobs_key,
+    login_throttle_key,
     metrics_key,
+    passwords_key,
     retention_key,
+    sessions_key,
     store_key,
     task_rate_key,
     tokens_key,
     tracker_key,
+    trusted_proxies_key,
     websockets_key,
     ws_slots_key,
 )
@@ -125,11 +135,26 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(request.app[config_key].static_dir / "index.html")
 
 
-def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+def _services(config: Config, secret: str) -> Callable[[web.Application], AsyncIterator[None]]:
     async def services(app: web.Application) -> AsyncIterator[None]:
         db = await open_database(
             config.db_path, config.migrations_dir, config.sqlite_synchronous, config.db_readers
         )
+        accounts = AccountStore(db)
+        app[accounts_key] = accounts
+        # Tokens name this database's instance id: none minted for another one passes.
+        app[tokens_key] = TokenService(secret, config.token_ttl, await accounts.instance_id())
+        sessions = SessionService(accounts, config.session_max_age)
+        sessions.add_listener(_session_closer(app))
+        app[sessions_key] = sessions
+        passwords = Passwords(
+            config.password_hash_cost,
+            workers=config.password_hash_workers,
+            queue=config.password_hash_queue,
+            on_refused=app[metrics_key].refusals.note,
+        )
+        app[passwords_key] = passwords
+        await passwords.start()
         store = Store(db)
         tracker = Tracker(store, max_batch=config.commit_batch_max)
         hub = Hub(encode=protocol.event_message)
@@ -157,6 +182,7 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
         lag.start()
         await history.start()
         retention.start()
+        sessions.start(lambda: {conn.session_id for conn in app[websockets_key]})
         resumed = await jobs.resume_unfinished(await store.tasks_to_resume(jobs.kinds))
         sweeper = asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")
         log.info("server.ready db=%s resumed_jobs=%d", config.db_path, resumed)
@@ -166,13 +192,26 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
             sweeper.cancel()
             await lag.stop()
             await retention.stop()
+            await sessions.stop()
             await jobs.stop()
             await tracker.stop()  # commits everything already accepted
             await history.stop()
             await db.close()
+            passwords.close()
             log.info("server.stopped")
 
     return services
+
+
+def _session_closer(app: web.Application) -> Callable[[set[str]], None]:
+    """Close the WebSockets of sessions that ended (logout, password change) with 4401."""
+
+    def close(ended: set[str]) -> None:
+        for conn in list(app[websockets_key]):
+            if conn.session_id in ended:
+                conn.close(protocol.CLOSE_TOKEN_EXPIRED, "session ended", None)
+
+    return close
 
 
 async def _heartbeat_loop(hub: Hub, config: Config) -> None:
@@ -208,19 +247,22 @@ def create_app(config: Config) -> web.Application:
     app[metrics_key] = metrics = Metrics(config.db_path)
     app.on_response_prepare.append(response_counter(metrics.requests))
     secret = config.jwt_secret or load_or_create_secret(config.secret_path)
-    app[tokens_key] = TokenService(secret, config.token_ttl)
     app[websockets_key] = weakref.WeakSet()
     app[task_rate_key] = KeyedBuckets(config.task_rate, config.task_burst)
     app[ws_slots_key] = UserSlots(config.max_connections_per_user)
     app[admission_key] = Admission(LoopLag(), config.shed_lag, config.max_connections)
-    app.cleanup_ctx.append(_services(config))
+    # --auth-rate per minute, bursts of as many: a login page's retries pass, a script's don't.
+    app[auth_rate_key] = KeyedBuckets(config.auth_rate / 60, max(1, math.ceil(config.auth_rate)))
+    app[login_throttle_key] = LoginThrottle()
+    app[trusted_proxies_key] = parse_networks(config.trusted_proxies)
+    app.cleanup_ctx.append(_services(config, secret))
     app.on_shutdown.append(_close_websockets)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler(metrics, config.metrics_token))
     app.router.add_get("/api/v1/ws", ws.multi_task_socket)
     app.router.add_get("/api/v1/stock/ws/analyze/{task_id}", ws.task_socket)
-    api_routes = app.router.add_routes(api.routes)
+    api_routes = app.router.add_routes(account.routes) + app.router.add_routes(api.routes)
     app.router.add_get("/", index)
     if config.static_dir.is_dir():
         app.router.add_static("/static/", config.static_dir, name="static")
