@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -91,7 +92,9 @@ class SessionService:
     async def create(self, user_id: int) -> SessionRecord:
         """A new session for a login that just succeeded."""
         now = time.time()
-        session = SessionRecord(new_session_id(), user_id, now, now + self.max_age, False)
+        # Ends on a whole second, as token exps do: the last token expires with it.
+        ends = math.floor(now) + self.max_age
+        session = SessionRecord(new_session_id(), user_id, now, ends, False)
         evicted = await self._accounts.create_session(
             session.id, user_id, now, session.expires_at, self._max_per_user
         )

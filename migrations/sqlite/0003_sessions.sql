@@ -10,8 +10,8 @@ CREATE TABLE sessions (
     created_at TEXT    NOT NULL,                -- the login
     expires_at TEXT    NOT NULL,                -- login + --session-max-age: no refresh after
     revoked_at TEXT                             -- logout, password change, `users remove`
-) WITHOUT ROWID;
-CREATE INDEX sessions_by_user ON sessions (user_id, created_at);
+);                                              -- a rowid table: rowid orders the logins
+CREATE INDEX sessions_by_user ON sessions (user_id);
 
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,

@@ -235,7 +235,7 @@ class AccountStore:
             rows = conn.execute(
                 "UPDATE sessions SET revoked_at = ? WHERE id IN (SELECT id FROM sessions"
                 " WHERE user_id = ? AND revoked_at IS NULL"
-                " ORDER BY created_at DESC, id LIMIT -1 OFFSET ?) RETURNING id",
+                " ORDER BY rowid DESC LIMIT -1 OFFSET ?) RETURNING id",
                 (now, user_id, max_per_user),
             ).fetchall()
             return [row[0] for row in rows]
