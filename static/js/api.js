@@ -146,6 +146,23 @@ export async function login(username, password) {
 }
 
 /**
+ * End the stored session on the server (its token stops working at once) and forget it.
+ * The token is forgotten even when the server cannot be reached.
+ *
+ * @returns {Promise<void>}
+ */
+export async function logout() {
+  const current = session.get();
+  session.clear();
+  if (!current) return;
+  try {
+    await api("/auth/logout", { method: "POST", token: current.token });
+  } catch {
+    /* offline, or the token had already stopped working: nothing left to end */
+  }
+}
+
+/**
  * Exchange the stored (still valid) token for a fresh one.
  *
  * @returns {Promise<{token: string, username: string, expiresAt: number}>}

@@ -8,7 +8,7 @@
  * @module app
  */
 
-import { ApiError, api, login, refresh, session, views } from "./api.js";
+import { ApiError, api, login, logout, refresh, session, views } from "./api.js";
 import {
   TERMINAL,
   applyMessage,
@@ -569,7 +569,10 @@ function wire() {
   els.registerForm.addEventListener("submit", submitRegister);
   els.showRegister.addEventListener("click", () => showAuth("register"));
   els.showLogin.addEventListener("click", () => showAuth("login"));
-  els.logout.addEventListener("click", () => leaveApp("You have logged out."));
+  els.logout.addEventListener("click", () => {
+    logout(); // takes the token before leaveApp forgets it
+    leaveApp("You have logged out.");
+  });
   els.retry.addEventListener("click", () => client?.connect());
   els.analyzeForm.addEventListener("submit", submitAnalysis);
   els.analyzeForm.elements.code.addEventListener("input", () => setAnalyzeError(""));
