@@ -78,6 +78,7 @@ class SessionService:
         self.max_age = max_age
         self._cache_ttl = cache_ttl
         self._max_per_user = max_per_user
+        #: Session state by id, as last read or revoked here (least recently used first).
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         #: Reads in flight, so a burst of requests of one session makes one query.
         self._loading: dict[str, asyncio.Future[_Entry]] = {}
