@@ -1,4 +1,4 @@
-"""`python -m server` (and `python run.py`): parse the settings, then serve."""
+"""`python -m server` (and `python run.py`): parse the settings, then serve; or `users ...`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ from .web.serve import ListenError, listen, serve
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGINT/SIGTERM (0); 1: cannot listen, 2: cannot use its files, 3: locked."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["users"]:  # `run.py users add|remove|list`: see server/admin.py
+        from .admin import main as users
+
+        return users(argv[1:])
     config = from_args(argv)
     setup_logging(config.log_level, config.log_format)
     try:

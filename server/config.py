@@ -214,11 +214,25 @@ class Config:
         "argon2id memory per password hash in MiB (time cost 2, one lane; OWASP: 19)",
         check=between(1, 1024),
     )
+    password_hash_workers: int = setting(
+        0,
+        "--password-hash-workers",
+        "PROGRESS_PASSWORD_HASH_WORKERS",
+        "password hashes computed at once, on threads of their own (0 = one per core)",
+        check=non_negative,
+    )
+    password_hash_queue: int = setting(
+        64,
+        "--password-hash-queue",
+        "PROGRESS_PASSWORD_HASH_QUEUE",
+        "password hashes that may wait for a thread; more get 503 overloaded",
+        check=non_negative,
+    )
     auth_rate: float = setting(
         20.0,
         "--auth-rate",
         "PROGRESS_AUTH_RATE",
-        "login and register attempts per client address per minute (0 = no limit)",
+        "login, register and password-change attempts per client address per minute (0 = no limit)",
         check=non_negative,
     )
     trusted_proxies: tuple[str, ...] = setting(

@@ -64,12 +64,27 @@ class Credentials(Schema):
     password = fields.String(required=True)
 
 
+#: A new password (register, password change).
+NEW_PASSWORD = validate.Length(min=8, max=1024)
+
+
 class Register(Credentials):
     username = fields.String(
         required=True,
         validate=validate.Regexp(USERNAME, error="3-32 characters of A-Z, a-z, 0-9, _ . -"),
     )
-    password = fields.String(required=True, validate=validate.Length(min=8, max=1024))
+    password = fields.String(required=True, validate=NEW_PASSWORD)
+
+
+class ChangePassword(Schema):
+    current_password = fields.String(required=True)
+    new_password = fields.String(required=True, validate=NEW_PASSWORD)
+
+
+class LogoutQuery(Schema):
+    """`?all=true` ends every session of the user, not only the token's."""
+
+    all = fields.Boolean(load_default=False)
 
 
 class LoginForm(Credentials):

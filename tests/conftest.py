@@ -20,11 +20,17 @@ from .helpers import SECRET
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    """Fast settings: tiny job step delay, short heartbeats, a fixed 32+ byte secret."""
+    """Fast settings: tiny job step delay, short heartbeats, a fixed 32+ byte secret.
+
+    Passwords are hashed at 1 MiB (not 19) and logins are not rate-limited per address:
+    tests register many users from 127.0.0.1. test_auth.py covers both at their defaults.
+    """
     return Config(
         db_path=tmp_path / "test.db",
         job_step_delay=0.0,
         jwt_secret=SECRET,
+        password_hash_cost=1,
+        auth_rate=0,
         heartbeat_interval=5.0,
         heartbeat_timeout=5.0,
         shutdown_timeout=0.5,

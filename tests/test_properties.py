@@ -158,6 +158,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, unused_tcp_port_factory: Any)
             "0",
             "--task-rate",
             "0",
+            "--auth-rate",
+            "0",
         ],
     )
     live = Live(server)

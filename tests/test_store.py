@@ -7,6 +7,7 @@ import pytest
 
 from server.config import PROJECT_ROOT
 from server.store.sqlite import Store
+from server.store.sqlite_accounts import AccountStore
 from server.store.sqlite_db import open_database
 from server.tracker import Progress, Tracker
 
@@ -21,7 +22,8 @@ async def db(tmp_path):
 async def test_an_active_statement_freezes_a_readers_snapshot(tmp_path, db):
     """Why reads must not leave statements open: SQLite keeps the snapshot while one is active."""
     store = Store(db)
-    await store.create_user("u", "x", "t")
+    accounts = AccountStore(db)
+    await accounts.create_user("u", "x", "t")
     tracker = Tracker(store)
     tracker.start()
     reader = await aiosqlite.connect(tmp_path / "s.db")
@@ -42,7 +44,8 @@ async def test_an_active_statement_freezes_a_readers_snapshot(tmp_path, db):
 async def test_reads_never_leave_a_statement_open(db, monkeypatch):
     """Every Store read fetches in one call; a reader cursor kept across awaits is refused."""
     store = Store(db)
-    await store.create_user("u", "x", "t")
+    accounts = AccountStore(db)
+    await accounts.create_user("u", "x", "t")
     tracker = Tracker(store)
     tracker.start()
     try:
@@ -55,8 +58,12 @@ async def test_reads_never_leave_a_statement_open(db, monkeypatch):
             monkeypatch.setattr(reader, "execute", no_cursor)
             monkeypatch.setattr(reader, "cursor", no_cursor)
         assert (await store.get_task(task.id)).seq == 1
-        assert await store.get_user(1) is not None
-        assert await store.find_credentials("u") is not None
+        assert await accounts.get_user(1) is not None
+        assert await accounts.find_credentials("u") is not None
+        assert await accounts.instance_id()
+        assert await accounts.get_session("s") is None
+        assert await accounts.live_sessions(["s"], 0.0) == set()
+        assert (await accounts.list_users())[0].username == "u"
         assert len((await store.list_tasks(1, None, 10)).tasks) == 1
         assert len((await store.list_events(task.id, 0, 10)).events) == 1
         assert await store.first_kept_seq(task.id) == 1

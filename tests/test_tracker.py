@@ -12,6 +12,7 @@ from server.errors import NotFound, QuotaExceeded, TaskFinished, Unavailable
 from server.lifecycle import Cancel, Complete, Fail, Progress, Quotas, transition
 from server.models import EventType, TaskState, TaskStatus
 from server.store.sqlite import Store
+from server.store.sqlite_accounts import AccountStore
 from server.store.sqlite_db import open_database
 from server.store.sqlite_writes import TaskWriter
 from server.tracker import Tracker
@@ -21,8 +22,9 @@ from server.tracker import Tracker
 async def store(tmp_path):
     db = await open_database(tmp_path / "t.db", PROJECT_ROOT / "migrations" / "sqlite")
     store = Store(db)
-    await store.create_user("owner", "x", "2026-01-01T00:00:00.000Z")
-    await store.create_user("other", "x", "2026-01-01T00:00:00.000Z")
+    accounts = AccountStore(db)
+    await accounts.create_user("owner", "x", "2026-01-01T00:00:00.000Z")
+    await accounts.create_user("other", "x", "2026-01-01T00:00:00.000Z")
     yield store
     await db.close()
 

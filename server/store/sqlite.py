@@ -1,5 +1,6 @@
 """The SQLite store: every read, and the task write path (planned and written on the writer
-thread by `sqlite_writes.TaskWriter`). Returns models; knows nothing of HTTP or WebSockets.
+thread by `sqlite_writes.TaskWriter`); accounts are in sqlite_accounts.py. Returns models;
+knows nothing of HTTP or WebSockets.
 
 Every read is executed and fetched in one call on a reader of the pool (see sqlite_db);
 reads that can be long (lists, replays) go in the pool's bulk lane and are bounded in
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..lifecycle import Plan, Quotas, Request
-from ..models import Event, EventType, Task, TaskStatus, User
+from ..models import Event, EventType, Task, TaskStatus
 from .sqlite_db import Database
 from .sqlite_writes import TaskWriter
 
@@ -27,10 +28,6 @@ _TASK_COLUMNS = (
     " checkpoint, created_at, updated_at, started_at, finished_at"
 )
 _EVENT_COLUMNS = "task_id, seq, event, status, progress, step, message, result, error, ts"
-
-
-class UsernameTaken(Exception):
-    """Another account already has this username (compared without case)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,37 +146,6 @@ class Store:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._writer = TaskWriter(db)
-
-    # -- users ---------------------------------------------------------------------------
-
-    async def create_user(self, username: str, password_hash: str, created_at: str) -> User:
-        """Insert a user. Raises UsernameTaken."""
-
-        def insert(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
-                (username, password_hash, created_at),
-            )
-            return cur.lastrowid or 0
-
-        try:
-            user_id = await self._db.write(insert)
-        except sqlite3.IntegrityError as exc:
-            raise UsernameTaken(username) from exc
-        return User(id=user_id, username=username)
-
-    async def find_credentials(self, username: str) -> tuple[User, str] | None:
-        """The user and their password hash, or None."""
-        rows = await self._db.fetch(
-            "SELECT id, username, password_hash FROM users WHERE username = ?", (username,)
-        )
-        if not rows:
-            return None
-        return User(id=rows[0]["id"], username=rows[0]["username"]), rows[0]["password_hash"]
-
-    async def get_user(self, user_id: int) -> User | None:
-        rows = await self._db.fetch("SELECT id, username FROM users WHERE id = ?", (user_id,))
-        return User(id=rows[0]["id"], username=rows[0]["username"]) if rows else None
 
     # -- tasks and events: reads ---------------------------------------------------------
 

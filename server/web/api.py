@@ -1,4 +1,5 @@
-"""HTTP handlers under /api/v1: each parses, calls one service, and serialises."""
+"""HTTP handlers under /api/v1 (accounts: account.py): each parses, calls one service, and
+serialises."""
 
 from __future__ import annotations
 
@@ -6,25 +7,22 @@ import json
 import math
 import time
 from typing import Any
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 from marshmallow import Schema, ValidationError
 
 from .. import budget, schemas
-from ..auth import Identity, hash_password, verify_password
+from ..auth import Identity
 from ..errors import (
     BadRequest,
-    Conflict,
     NotFound,
     PayloadTooLarge,
     TooManyRequests,
-    Unauthorized,
     ValidationFailed,
 )
-from ..models import ACTIVE_STATUSES, Task, TaskStatus, dumps, utc_now
-from ..store.sqlite import UsernameTaken
+from ..models import ACTIVE_STATUSES, Task, TaskStatus, dumps
 from ..tracker import Progress
+from .guards import authenticate
 from .keys import (
     config_key,
     create_rate_key,
@@ -32,24 +30,19 @@ from .keys import (
     metrics_key,
     store_key,
     task_rate_key,
-    tokens_key,
     tracker_key,
 )
-from .ws import authenticate
 
 routes = web.RouteTableDef()
 
 #: Schema instances are reusable; building one per request costs a deep copy of its fields.
 _COMPLETE_TASK = schemas.CompleteTask()
 _CREATE_TASK = schemas.CreateTask()
-_CREDENTIALS = schemas.Credentials()
 _EMPTY = schemas.Empty()
 _FAIL_TASK = schemas.FailTask()
 _LIST_EVENTS_QUERY = schemas.ListEventsQuery()
 _LIST_SUBSCRIPTIONS_QUERY = schemas.ListSubscriptionsQuery()
 _LIST_TASKS_QUERY = schemas.ListTasksQuery()
-_LOGIN_FORM = schemas.LoginForm()
-_REGISTER = schemas.Register()
 _REPORT_PROGRESS = schemas.ReportProgress()
 _STOCK_PARAMS = schemas.StockParams()
 
@@ -107,8 +100,8 @@ async def _body(
     return _validate(schema, await _json_object(request, allow_empty=allow_empty))
 
 
-def _caller(request: web.Request) -> Identity:
-    return authenticate(request, allow_query=False)
+async def _caller(request: web.Request) -> Identity:
+    return await authenticate(request, allow_query=False)
 
 
 async def _owned_task(request: web.Request, identity: Identity) -> Task:
@@ -116,74 +109,6 @@ async def _owned_task(request: web.Request, identity: Identity) -> Task:
     if task is None or task.user_id != identity.user_id:
         raise NotFound("task not found")  # the same for another user's task
     return task
-
-
-# -- auth --------------------------------------------------------------------------------
-
-
-@routes.post("/api/v1/auth/register")
-async def register(request: web.Request) -> web.Response:
-    data = await _body(request, _REGISTER)
-    password_hash = await hash_password(data["password"])
-    try:
-        user = await request.app[store_key].create_user(data["username"], password_hash, utc_now())
-    except UsernameTaken:
-        raise Conflict(
-            "username already taken", code="username_taken", fields={"username": ["Already taken."]}
-        ) from None
-    return web.json_response(user.to_dict(), status=201)
-
-
-@routes.post("/api/v1/auth/login")
-async def login(request: web.Request) -> web.Response:
-    body = await _read_body(request)
-    # An OAuth2 password form, unless the body is plainly JSON (curl -d sends JSON as a form).
-    is_form = request.content_type == "application/x-www-form-urlencoded"
-    if is_form and not body.lstrip().startswith(b"{"):
-        try:
-            form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError:
-            raise BadRequest("form body is not UTF-8") from None
-        data = _validate(_LOGIN_FORM, form)
-    else:
-        data = await _body(request, _CREDENTIALS)
-    found = await request.app[store_key].find_credentials(data["username"])
-    if not await verify_password(data["password"], found[1] if found else None) or found is None:
-        raise Unauthorized("wrong username or password", code="invalid_credentials")
-    tokens = request.app[tokens_key]
-    user = found[0]
-    return web.json_response(
-        {
-            "access_token": tokens.issue(user.id, user.username),
-            "token_type": "bearer",
-            "expires_in": tokens.ttl,
-        }
-    )
-
-
-@routes.post("/api/v1/auth/refresh")
-async def refresh(request: web.Request) -> web.Response:
-    identity = _caller(request)
-    user = await request.app[store_key].get_user(identity.user_id)
-    if user is None:
-        raise Unauthorized("unknown user", code="invalid_token")
-    tokens = request.app[tokens_key]
-    return web.json_response(
-        {
-            "access_token": tokens.issue(user.id, user.username),
-            "token_type": "bearer",
-            "expires_in": tokens.ttl,
-        }
-    )
-
-
-@routes.get("/api/v1/auth/me")
-async def me(request: web.Request) -> web.Response:
-    identity = _caller(request)
-    user = await request.app[store_key].get_user(identity.user_id)
-    if user is None:
-        raise Unauthorized("unknown user", code="invalid_token")
-    return web.json_response(user.to_dict())
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -243,7 +168,7 @@ async def _create(
 
 @routes.post("/api/v1/tasks")
 async def create_task(request: web.Request) -> web.Response:
-    identity = _caller(request)
+    identity = await _caller(request)
     _check_create_rate(request, identity)
     data = await _body(request, _CREATE_TASK)
     return await _create(request, identity, data["kind"], data["params"])
@@ -251,7 +176,7 @@ async def create_task(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/stock/analyze")
 async def analyze_stock(request: web.Request) -> web.Response:
-    identity = _caller(request)
+    identity = await _caller(request)
     _check_create_rate(request, identity)
     data = await _body(request, _STOCK_PARAMS)
     return await _create(request, identity, schemas.STOCK_ANALYSIS, data)
@@ -259,7 +184,7 @@ async def analyze_stock(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
-    identity = _caller(request)
+    identity = await _caller(request)
     query = _validate(_LIST_TASKS_QUERY, dict(request.query))
     status = query["status"]
     statuses = (
@@ -283,13 +208,13 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/tasks/{task_id}")
 async def get_task(request: web.Request) -> web.Response:
-    task = await _owned_task(request, _caller(request))
+    task = await _owned_task(request, await _caller(request))
     return _json(task.to_json())
 
 
 @routes.get("/api/v1/tasks/{task_id}/events")
 async def list_events(request: web.Request) -> web.Response:
-    identity = _caller(request)
+    identity = await _caller(request)
     query = _validate(_LIST_EVENTS_QUERY, dict(request.query))
     task = await _owned_task(request, identity)
     page = await request.app[store_key].list_events(task.id, query["after_seq"], query["limit"])
@@ -323,7 +248,7 @@ def _check_task_rate(request: web.Request, identity: Identity) -> None:
 
 @routes.post("/api/v1/tasks/{task_id}/progress")
 async def report_progress(request: web.Request) -> web.Response:
-    identity = _caller(request)
+    identity = await _caller(request)
     _check_task_rate(request, identity)
     data = await _body(request, _REPORT_PROGRESS)
     _check_message(request, data.get("message"))
@@ -337,7 +262,7 @@ async def report_progress(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/tasks/{task_id}/complete")
 async def complete_task(request: web.Request) -> web.Response:
-    identity = _caller(request)
+    identity = await _caller(request)
     data = await _body(request, _COMPLETE_TASK, allow_empty=True)
     result = data.get("result")
     raw = None if result is None else _raw_json(request, "result", result)
@@ -349,7 +274,7 @@ async def complete_task(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/tasks/{task_id}/fail")
 async def fail_task(request: web.Request) -> web.Response:
-    identity = _caller(request)
+    identity = await _caller(request)
     data = await _body(request, _FAIL_TASK)
     events = await request.app[tracker_key].fail(
         request.match_info["task_id"], data["error"], owner_id=identity.user_id
@@ -359,7 +284,7 @@ async def fail_task(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/tasks/{task_id}/cancel")
 async def cancel_task(request: web.Request) -> web.Response:
-    identity = _caller(request)
+    identity = await _caller(request)
     await _body(request, _EMPTY, allow_empty=True)
     events = await request.app[tracker_key].cancel(
         request.match_info["task_id"], owner_id=identity.user_id
@@ -370,7 +295,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 @routes.get("/api/v1/subscriptions")
 async def list_subscriptions(request: web.Request) -> web.Response:
     """The caller's subscription history, newest first (the demo page's "resume" hint)."""
-    identity = _caller(request)
+    identity = await _caller(request)
     query = _validate(_LIST_SUBSCRIPTIONS_QUERY, dict(request.query))
     records = await request.app[store_key].list_subscriptions(identity.user_id, query["limit"])
     return web.json_response({"subscriptions": [r.to_dict() for r in records]})

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .. import protocol
 from ..admission import Admission, LoopLag
-from ..auth import TokenService, load_or_create_secret
+from ..auth import LoginThrottle, Passwords, TokenService, load_or_create_secret
 from ..config import Config
 from ..errors import ApiError
 from ..hub import Hub
@@ -22,26 +22,35 @@ from ..jobs.prices import SyntheticPriceProvider
 from ..lifecycle import Quotas
 from ..limits import KeyedBuckets, UserSlots
 from ..retention import Retention
+from ..sessions import SessionService
 from ..store.sqlite import Store
+from ..store.sqlite_accounts import AccountStore
 from ..store.sqlite_db import open_database
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
-from . import api, ws
+from . import account, api, ws
+from .guards import parse_networks
 from .keys import (
+    accounts_key,
     admission_key,
+    auth_rate_key,
     config_key,
     create_rate_key,
     db_key,
     history_key,
     hub_key,
     jobs_key,
+    login_throttle_key,
     metrics_key,
+    passwords_key,
     resumed_jobs_key,
     retention_key,
+    sessions_key,
     store_key,
     task_rate_key,
     tokens_key,
     tracker_key,
+    trusted_proxies_key,
     websockets_key,
     ws_slots_key,
 )
@@ -130,11 +139,26 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(request.app[config_key].static_dir / "index.html")
 
 
-def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+def _services(config: Config, secret: str) -> Callable[[web.Application], AsyncIterator[None]]:
     async def services(app: web.Application) -> AsyncIterator[None]:
         db = await open_database(
             config.db_path, config.migrations_dir, config.sqlite_synchronous, config.db_readers
         )
+        accounts = AccountStore(db)
+        app[accounts_key] = accounts
+        # Tokens name this database's instance id: none minted for another one passes.
+        app[tokens_key] = TokenService(secret, config.token_ttl, await accounts.instance_id())
+        sessions = SessionService(accounts, config.session_max_age)
+        sessions.add_listener(_session_closer(app))
+        app[sessions_key] = sessions
+        passwords = Passwords(
+            config.password_hash_cost,
+            workers=config.password_hash_workers,
+            queue=config.password_hash_queue,
+            on_refused=app[metrics_key].refusals.note,
+        )
+        app[passwords_key] = passwords
+        await passwords.start()
         store = Store(db)
         tracker = Tracker(
             store,
@@ -181,6 +205,7 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
         lag.start()
         await history.start()
         retention.start()
+        sessions.start(lambda: {conn.session_id for conn in app[websockets_key]})
         # Resumed gradually in the background; server.ready (serve.py, once bound) says how
         # many are queued.
         app[resumed_jobs_key] = await store.count_unfinished(jobs.kinds)
@@ -192,13 +217,26 @@ def _services(config: Config) -> Callable[[web.Application], AsyncIterator[None]
             sweeper.cancel()
             await lag.stop()
             await retention.stop()
+            await sessions.stop()
             await jobs.stop()
             await tracker.stop()  # commits everything already accepted
             await history.stop()
             await db.close()
+            passwords.close()
             log.info("server.stopped")
 
     return services
+
+
+def _session_closer(app: web.Application) -> Callable[[set[str]], None]:
+    """Close the WebSockets of sessions that ended (logout, password change) with 4401."""
+
+    def close(ended: set[str]) -> None:
+        for conn in list(app[websockets_key]):
+            if conn.session_id in ended:
+                conn.close(protocol.CLOSE_TOKEN_EXPIRED, "session ended", None)
+
+    return close
 
 
 async def _heartbeat_loop(hub: Hub, config: Config) -> None:
@@ -238,21 +276,24 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(response_counter(metrics.requests))
     app.on_response_prepare.append(security_headers)
     secret = config.jwt_secret or load_or_create_secret(config.secret_path)
-    app[tokens_key] = TokenService(secret, config.token_ttl)
     app[websockets_key] = weakref.WeakSet()
     app[task_rate_key] = KeyedBuckets(config.task_rate, config.task_burst)
     per_minute = config.task_create_rate
     app[create_rate_key] = KeyedBuckets(per_minute / 60, max(1, math.ceil(per_minute / 10)))
     app[ws_slots_key] = UserSlots(config.max_connections_per_user)
     app[admission_key] = Admission(LoopLag(), config.shed_lag, config.max_connections)
-    app.cleanup_ctx.append(_services(config))
+    # --auth-rate per minute, bursts of as many: a login page's retries pass, a script's don't.
+    app[auth_rate_key] = KeyedBuckets(config.auth_rate / 60, max(1, math.ceil(config.auth_rate)))
+    app[login_throttle_key] = LoginThrottle()
+    app[trusted_proxies_key] = parse_networks(config.trusted_proxies)
+    app.cleanup_ctx.append(_services(config, secret))
     app.on_shutdown.append(_close_websockets)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler(metrics, config.metrics_token))
     app.router.add_get("/api/v1/ws", ws.multi_task_socket)
     app.router.add_get("/api/v1/stock/ws/analyze/{task_id}", ws.task_socket)
-    api_routes = app.router.add_routes(api.routes)
+    api_routes = app.router.add_routes(account.routes) + app.router.add_routes(api.routes)
     app.router.add_get("/", index)
     if config.static_dir.is_dir():
         app.router.add_static("/static/", config.static_dir, name="static")

@@ -80,6 +80,7 @@ class Connection:
         transport: asyncio.Transport | None,
         user_id: int,
         *,
+        session_id: str = "",
         max_messages: int,
         max_bytes: int,
         stats: ConnectionStats | None = None,
@@ -89,6 +90,8 @@ class Connection:
         self.stats = stats if stats is not None else ConnectionStats()
         self.id = uuid.uuid4().hex[:12]
         self.user_id = user_id
+        #: The login session of the token that opened it: closed 4401 when that ends.
+        self.session_id = session_id
         self.last_seen = loop.time()
         self.ping_sent_at: float | None = None
         #: Close code and reason the server chose (None: the client closed or vanished).

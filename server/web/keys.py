@@ -7,13 +7,15 @@ import weakref
 from aiohttp import web
 
 from ..admission import Admission
-from ..auth import TokenService
+from ..auth import LoginThrottle, Passwords, TokenService
 from ..config import Config
 from ..hub import Hub
 from ..jobs import JobRunner
 from ..limits import KeyedBuckets, UserSlots
 from ..retention import Retention
+from ..sessions import SessionService
 from ..store.sqlite import Store
+from ..store.sqlite_accounts import AccountStore
 from ..store.sqlite_db import Database
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
@@ -41,3 +43,14 @@ ws_slots_key = web.AppKey("ws_slots", UserSlots)
 admission_key = web.AppKey("admission", Admission)
 #: Built-in jobs resumed at start (for the server.ready line).
 resumed_jobs_key = web.AppKey("resumed_jobs", int)
+#: Users and sessions in SQLite (same database as store_key).
+accounts_key = web.AppKey("accounts", AccountStore)
+sessions_key = web.AppKey("sessions", SessionService)
+#: Password hashing on its own bounded threads.
+passwords_key = web.AppKey("passwords", Passwords)
+#: Login/register/password attempts per client address: the --auth-rate limit.
+auth_rate_key = web.AppKey("auth_rate", KeyedBuckets)
+#: Failed logins per username.
+login_throttle_key = web.AppKey("login_throttle", LoginThrottle)
+#: --trusted-proxies, parsed (see guards.client_address).
+trusted_proxies_key = web.AppKey("trusted_proxies", tuple)

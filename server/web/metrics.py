@@ -64,6 +64,8 @@ AUTH_FAILURE_REASONS = (
     "invalid_token",
     "missing_token",
     "origin_not_allowed",
+    "registration_closed",
+    "session_expired",
     "token_expired",
 )
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")

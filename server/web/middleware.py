@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -43,6 +44,20 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
         response.headers.update(HTML_HEADERS)
 
 
+class BodyTimeout(Exception):
+    """A handler that reads its own body did not get it within --header-timeout."""
+
+
+H = TypeVar("H")
+
+
+def reads_own_body(handler: H) -> H:
+    """Mark a handler that reads its body itself (bounded), so the deadline middleware does
+    not read it first with the general --max-body-bytes limit."""
+    handler.reads_own_body = True  # type: ignore[attr-defined]
+    return handler
+
+
 def request_deadline(timeout: float) -> Middleware:
     """Read each request's body within `timeout` seconds, or answer 408 and drop the client.
 
@@ -59,7 +74,10 @@ def request_deadline(timeout: float) -> Middleware:
         if guarded:
             protocol.request_started()
         try:
-            if request.can_read_body:
+            # Handlers marked `reads_own_body` (the account routes, with a far smaller
+            # limit) read their body themselves, under the same deadline (BodyTimeout).
+            own = getattr(request.match_info.handler, "reads_own_body", False)
+            if request.can_read_body and not own:
                 try:
                     async with asyncio.timeout(timeout):
                         await request.read()
@@ -68,7 +86,10 @@ def request_deadline(timeout: float) -> Middleware:
                 except web.HTTPRequestEntityTooLarge:
                     limit = request.app[config_key].max_body_bytes
                     raise PayloadTooLarge(f"body larger than {limit} bytes") from None
-            return await handler(request)
+            try:
+                return await handler(request)
+            except BodyTimeout:
+                return await _drop_slow_body(request, timeout)
         finally:
             if guarded:
                 protocol.request_finished()

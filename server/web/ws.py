@@ -18,14 +18,13 @@ from aiohttp import WSMsgType, web
 from marshmallow import ValidationError
 
 from .. import protocol
-from ..auth import Identity, bearer_token
+from ..auth import Identity
 from ..errors import (
     ApiError,
     BadRequest,
     Forbidden,
     NotFound,
     TooManyRequests,
-    Unauthorized,
     Unavailable,
 )
 from ..hub import Hub, Subscription
@@ -34,6 +33,7 @@ from ..models import Task
 from ..schemas import WsQuery
 from ..store.sqlite import Store
 from .connection import Connection
+from .guards import authenticate
 from .keys import (
     admission_key,
     config_key,
@@ -41,7 +41,6 @@ from .keys import (
     hub_key,
     metrics_key,
     store_key,
-    tokens_key,
     websockets_key,
     ws_slots_key,
 )
@@ -83,16 +82,6 @@ def check_origin(request: web.Request) -> None:
         raise Forbidden("origin not allowed", code="origin_not_allowed")
 
 
-def authenticate(request: web.Request, *, allow_query: bool) -> Identity:
-    """The caller's identity from `Authorization: Bearer` or (WebSocket only) `?token=`."""
-    token = bearer_token(request.headers.get("Authorization"))
-    if token is None and allow_query:
-        token = request.query.get("token") or None
-    if token is None:
-        raise Unauthorized("missing bearer token", code="missing_token")
-    return request.app[tokens_key].verify(token)
-
-
 async def multi_task_socket(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/ws: one socket, many subscriptions."""
     return await _serve(request, task_id=None, last_seq=None)
@@ -113,7 +102,7 @@ async def _serve(
     # A refused origin or token is logged (auth.failed) and counted by the error middleware.
     check_origin(request)
     _admit(request)
-    identity = authenticate(request, allow_query=True)
+    identity = await authenticate(request, allow_query=True)
     store = request.app[store_key]
     if task_id is not None:
         task = await store.get_task(task_id)
@@ -144,6 +133,7 @@ async def _serve(
             ws,
             transport if isinstance(transport, asyncio.Transport) else None,
             identity.user_id,
+            session_id=identity.session_id,
             max_messages=config.send_queue_messages,
             max_bytes=config.send_queue_bytes,
             stats=request.app[metrics_key].connections,

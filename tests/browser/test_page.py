@@ -163,11 +163,20 @@ def test_register_login_and_logout(
     token = page.evaluate("() => JSON.parse(sessionStorage.getItem('progress.session')).token")
     assert token.count(".") == 2  # a JWT, kept in sessionStorage
 
-    page.get_by_role("button", name="Log out").click()
+    with page.expect_response("**/api/v1/auth/logout") as logout:
+        page.get_by_role("button", name="Log out").click()
+    assert logout.value.status == 204
     expect(page.locator("#login-form")).to_be_visible()
     expect(page.locator("#auth-message")).to_contain_text("logged out")
     expect(page.locator("#connection-status")).to_have_attribute("data-state", "closed")
     assert page.evaluate("() => sessionStorage.getItem('progress.session')") is None
+    # Logging out ended the session on the server too: the token no longer works.
+    status = page.evaluate(
+        """async (token) => (await fetch("/api/v1/auth/me",
+            {headers: {Authorization: `Bearer ${token}`}})).status""",
+        token,
+    )
+    assert status == 401
 
     # A wrong password is refused with a message.
     page.locator("#login-form input[name=username]").fill("alice")
