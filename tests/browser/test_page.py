@@ -513,7 +513,7 @@ def test_trimmed_history_falls_back_to_the_task(
 def test_logout_ends_the_session_on_the_server(
     page: Page, server: ServerProcess, page_errors: list[str]
 ) -> None:
-    """Log out POSTs /auth/logout with the token, then forgets it (a 404 is ignored)."""
+    """Log out POSTs /auth/logout with the token, which stops working, then forgets it."""
     expect = _expect()
     register_through_form(page, server, "lou")
     token = page_token(page)
@@ -522,7 +522,11 @@ def test_logout_ends_the_session_on_the_server(
     request = answer.value.request
     assert request.method == "POST"
     assert request.headers["authorization"] == f"Bearer {token}"
-    assert answer.value.status == 404  # this server has no such route: still logged out
+    assert answer.value.status == 204
+    me = page.request.get(
+        f"{server.url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert me.status == 401  # the session is over on the server, not only in the page
     expect(page.locator("#login-form")).to_be_visible()
     expect(page.locator("#auth-message")).to_contain_text("logged out")
     assert page.evaluate("() => sessionStorage.getItem('progress.session')") is None
