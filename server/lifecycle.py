@@ -327,10 +327,12 @@ class _Planner:
             if change.checkpoint is not None:
                 write.set_checkpoint, write.checkpoint = True, change.checkpoint
         elif isinstance(change, Complete):
-            write.set_message, write.message = True, None
             write.result = events[-1].result
         else:
             write.error = events[-1].error
+        if isinstance(change, Complete | Fail | Cancel):
+            # `message` belongs to one progress update: the task's ends with the task.
+            write.set_message, write.message = True, None
         if after.status.is_terminal:
             write.set_checkpoint, write.checkpoint = True, None
             self.unfinished_delta[after.user_id] = self.unfinished_delta.get(after.user_id, 0) - 1

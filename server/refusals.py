@@ -19,6 +19,39 @@ log = logging.getLogger(__name__)
 LOG_EVERY = 60.0
 
 
+class LogLimiter:
+    """At most one log line per key per `every` seconds; counts what it held back.
+
+    Keys are bounded (`max_keys`, oldest forgotten first), so a flood from many sources
+    costs bounded memory; a forgotten key simply logs again.
+    """
+
+    def __init__(
+        self,
+        every: float = LOG_EVERY,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._every = every
+        self._max_keys = max_keys
+        self._clock = clock
+        #: key -> (when last logged, lines held back since)
+        self._seen: dict[object, tuple[float, int]] = {}
+
+    def allow(self, key: object) -> int | None:
+        """None: hold this line back; else log it, noting how many were held back before."""
+        now = self._clock()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self._every:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return None
+        if seen is None and len(self._seen) >= self._max_keys:
+            del self._seen[next(iter(self._seen))]
+        self._seen.pop(key, None)
+        self._seen[key] = (now, 0)
+        return 0 if seen is None else seen[1]
+
+
 class Refusals:
     """Refusal counts by reason (e.g. `auth_rate`, `commit_queue_full`, `quota_tasks`)."""
 

@@ -340,3 +340,15 @@ def test_metrics_token_is_configurable_and_never_in_repr() -> None:
     assert "m" * 20 not in repr(config) and SECRET not in repr(config)
     with pytest.raises(SystemExit):
         from_args(["--metrics-token", "short"], env={})
+
+
+async def test_a_flood_of_refused_credentials_is_counted_not_logged_each_time(client, caplog):
+    """100 requests with a bad token: 100 in the metric, one auth.failed line."""
+    caplog.set_level(logging.INFO, logger="server.web.app")
+    for _ in range(100):
+        resp = await client.get("/api/v1/tasks", headers={"Authorization": "Bearer nope"})
+        assert resp.status == 401
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auth.failed")]
+    assert len(lines) == 1
+    metrics = await (await client.get("/metrics")).text()
+    assert 'progress_auth_failures_total{reason="invalid_token"} 100.0' in metrics

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from server.refusals import LOG_EVERY, Refusals
+from server.refusals import LOG_EVERY, LogLimiter, Refusals
 
 
 def test_counts_every_refusal_and_logs_once_per_spell(caplog: pytest.LogCaptureFixture) -> None:
@@ -26,3 +26,16 @@ def test_counts_every_refusal_and_logs_once_per_spell(caplog: pytest.LogCaptureF
         "server.refused reason=commit_queue_full count=1 since_last_log=1",
         "server.refused reason=auth_rate count=1001 since_last_log=1000",
     ]
+
+
+def test_log_limiter_holds_back_repeats_and_says_how_many() -> None:
+    """One line per key per spell; the next line reports the lines held back; keys bounded."""
+    now = [0.0]
+    limiter = LogLimiter(every=10, max_keys=2, clock=lambda: now[0])
+    assert limiter.allow("a") == 0
+    assert [limiter.allow("a") for _ in range(3)] == [None, None, None]
+    assert limiter.allow("b") == 0
+    now[0] = 10
+    assert limiter.allow("a") == 3
+    assert limiter.allow("c") == 0  # a third key: the oldest ("b") is forgotten
+    assert limiter.allow("b") == 0

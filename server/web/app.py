@@ -119,14 +119,23 @@ def _auth_failed(request: web.Request, exc: ApiError) -> None:
     Never the token, the password or the username (people type passwords there), only
     where and why; there is no connection id yet, the peer address stands in for it.
     """
-    request.app[metrics_key].requests.auth_failures[exc.code] += 1
+    metrics = request.app[metrics_key]
+    metrics.requests.auth_failures[exc.code] += 1
+    # Logged once a minute per (code, peer, route): a flood of bad tokens or passwords is a
+    # count, not a log flood.
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else ""
+    held_back = metrics.auth_log.allow((exc.code, request.remote, route))
+    if held_back is None:
+        return
     log.info(
-        "auth.failed method=%s path=%s status=%d code=%s peer=%s",
+        "auth.failed method=%s path=%s status=%d code=%s peer=%s%s",
         request.method,
         log_path(request),
         exc.status,
         exc.code,
         request.remote,
+        f" held_back={held_back}" if held_back else "",
     )
 
 

@@ -38,7 +38,7 @@ from ..errors import Unauthorized
 from ..hub import Hub
 from ..jobs import JobRunner
 from ..models import TaskStatus
-from ..refusals import Refusals
+from ..refusals import LogLimiter, Refusals
 from ..stats import ConnectionStats, Histogram, RequestStats
 from ..store.sqlite import Store
 from ..tracker import Tracker
@@ -108,6 +108,8 @@ class Metrics:
         self.requests = RequestStats()
         #: Everything shed or refused, by reason (rates, quotas, full queues, ...).
         self.refusals = Refusals()
+        #: Throttles the auth.failed log line (the counts above are exact).
+        self.auth_log = LogLimiter()
         #: Shared by every WebSocket connection of the app.
         self.connections = ConnectionStats()
         self._db_path = db_path
