@@ -20,6 +20,7 @@ import os
 import random
 import secrets
 import stat
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -110,6 +111,19 @@ def _encode(password: str) -> bytes:
     return password.encode("utf-8", "surrogatepass")
 
 
+#: Nice value of the hashing threads: under a flood the event loop (heartbeats, fan-out,
+#: every other request) comes first, and hashes take what CPU is left.
+HASH_THREAD_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads one by one)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        pass
+
+
 class Passwords:
     """argon2id hashes at `cost_mib` MiB, computed on `workers` threads of their own.
 
@@ -130,13 +144,15 @@ class Passwords:
         self._argon = argon2.PasswordHasher(
             time_cost=ARGON2_TIME_COST, memory_cost=cost_mib * 1024, parallelism=ARGON2_LANES
         )
-        #: Threads hashing at once (0: one per core).
-        self.workers = workers or os.cpu_count() or 1
+        #: Threads hashing at once (0: one per core but one, which stays the event loop's).
+        self.workers = workers or max(1, (os.cpu_count() or 1) - 1)
         #: Hashes allowed to wait for a thread.
         self.queue = queue
         self._wait_max = wait_max
         self._on_refused = on_refused
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="password-hash")
+        self._executor = ThreadPoolExecutor(
+            self.workers, thread_name_prefix="password-hash", initializer=_lower_priority
+        )
         self._slots = asyncio.Semaphore(self.workers)
         #: Hashes waiting for a slot now.
         self.waiting = 0

@@ -218,7 +218,7 @@ class Config:
         0,
         "--password-hash-workers",
         "PROGRESS_PASSWORD_HASH_WORKERS",
-        "password hashes computed at once, on threads of their own (0 = one per core)",
+        "password hashes computed at once, on low-priority threads (0 = one per core but one)",
         check=non_negative,
     )
     password_hash_queue: int = setting(

@@ -22,8 +22,9 @@ def test_documented_refusals_meet():
 def test_accepted_bombs_miss():
     """An accepted attack, or an error other than the documented one, is missed."""
     assert not judge(BY_NAME["nested_params"], {"201": 5}, SIZES)["met"]
-    verdict = judge(BY_NAME["nested_lists_1mib"], {"400 invalid_json": 5}, SIZES)
+    verdict = judge(BY_NAME["nested_lists_1mib"], {"500 internal": 5}, SIZES)
     assert not verdict["met"] and verdict["undocumented"] == 5
+    assert judge(BY_NAME["nested_lists_1mib"], {"400 invalid_json": 5}, SIZES)["met"]
 
 
 def test_normal_answers_beyond_the_allowance_miss():

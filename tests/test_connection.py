@@ -51,6 +51,9 @@ class FakeTransport:
     def abort(self) -> None:
         pass
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
 
 class FakeSocket:
     def __init__(self) -> None:

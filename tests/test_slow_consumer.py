@@ -97,6 +97,23 @@ def established_sockets(pid: int, port: int) -> int:
     return count
 
 
+def orphaned_sockets(port: int) -> int:
+    """Sockets of `port` no process holds any more that still have data queued to send
+    (FIN-WAIT-1/CLOSING with a send queue): the kernel memory a plain close leaves pinned."""
+    count = 0
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            tx_queue = int(fields[4].split(":")[0], 16)
+            if local_port == port and fields[3] in ("04", "0B") and tx_queue > 0:
+                count += 1
+    return count
+
+
 # -- clients ------------------------------------------------------------------------------
 
 
@@ -212,6 +229,8 @@ async def test_stalled_clients_are_dropped_and_normal_ones_get_everything(
                 )
 
             await eventually(dropped)
+            # Dropped with a reset: what the kernel held for them is freed, not trickled out.
+            await eventually(lambda: orphaned_sockets(server.port) == 0)
             # The server let go of the stalled sockets: only the normal clients remain.
             await http.close()  # and no idle keep-alive HTTP connections either
             await eventually(lambda: established_sockets(pid, server.port) == NORMAL)

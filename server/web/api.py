@@ -65,8 +65,10 @@ async def _json_object(request: web.Request, *, allow_empty: bool = False) -> di
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+    except ValueError:
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # nested deeper than the parser's stack
+        raise BadRequest("request body is nested too deeply to read", code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     return data

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 import uuid
 from collections import deque
@@ -170,7 +171,7 @@ class Connection:
         self.close_reason = self.close_reason or reason
         self._outbox.clear()
         self._writer.cancel()
-        self._transport.abort()
+        self._reset()
 
     # -- used by the WebSocket handler ---------------------------------------------------
 
@@ -209,7 +210,7 @@ class Connection:
                 protocol.CLOSE_SLOW_CONSUMER,
                 1006,
             ):
-                self._transport.abort()
+                self._reset()
 
     @property
     def backlog_bytes(self) -> int:
@@ -253,6 +254,23 @@ class Connection:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _reset(self) -> None:
+        """Drop the peer with a TCP reset, discarding what the kernel still holds for it.
+
+        A plain close (which asyncio's abort() is, at the socket level) lets the kernel keep
+        sending what is buffered, megabytes for a stalled reader, for as long as the peer
+        takes to read it; SO_LINGER 0 makes close() send RST and free it at once. The peer
+        sees the connection reset (1006), and resumes with `last_seq` like after a 4008.
+        """
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # already closed
+        self._transport.abort()
+
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
@@ -287,7 +305,7 @@ class Connection:
             pass
         finally:
             if self._transport is not None:
-                self._transport.abort()
+                self._reset()
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -329,7 +347,7 @@ class Connection:
                 )
                 self._closing = True
                 if self._transport is not None:
-                    self._transport.abort()
+                    self._reset()
 
     async def _close_then_abort_if_stuck(self, item: _Close) -> None:
         try:
@@ -337,4 +355,4 @@ class Connection:
                 await self._ws.close(code=item.code, message=item.reason.encode(), drain=True)
         except TimeoutError:
             if self._transport is not None:
-                self._transport.abort()
+                self._reset()
