@@ -42,6 +42,9 @@ from .logs import AccessLogger
 
 log = logging.getLogger(__name__)
 
+#: Header deadlines are spread over [timeout, timeout * (1 + HEADER_JITTER)].
+HEADER_JITTER = 0.1
+
 #: Pending connections the kernel queues per listening socket (aiohttp's default).
 BACKLOG = 128
 #: Seconds a refused connection may take to read its 503 before it is cut.
@@ -157,7 +160,10 @@ class GuardedRequestHandler(web.RequestHandler):
 
     def _arm(self) -> None:
         self._disarm()
-        self._head_deadline = self._clock.call_later(self._header_timeout, self._head_late)
+        # Jittered: thousands of idle connections opened together are then closed over a
+        # spell of a tenth of the timeout, not in one loop iteration that stalls the rest.
+        timeout = self._header_timeout * (1 + HEADER_JITTER * random.random())
+        self._head_deadline = self._clock.call_later(timeout, self._head_late)
 
     def _disarm(self) -> None:
         if self._head_deadline is not None:
