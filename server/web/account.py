@@ -8,7 +8,6 @@ hashing threads' bounded queue (503 when full).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 from urllib.parse import parse_qsl
@@ -20,7 +19,7 @@ from ..auth import HashBusy, bearer_token
 from ..errors import BadRequest, Conflict, Forbidden, TooManyRequests, Unauthorized
 from ..models import utc_now
 from ..store.sqlite_accounts import UsernameTaken
-from .api import _validate
+from .bodies import json_object, validate
 from .guards import FORM_FIELDS_MAX, authenticate, limit_attempts, read_small_body
 from .keys import (
     accounts_key,
@@ -42,25 +41,13 @@ _LOGOUT_QUERY = schemas.LogoutQuery()
 _REGISTER = schemas.Register()
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
-    if not body.strip():
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    return data
-
-
 async def _credentials(request: web.Request) -> dict[str, Any]:
     """{username, password} from a JSON body or an OAuth2 password form."""
     body = await read_small_body(request)
     # A form, unless the body is plainly JSON (curl -d sends JSON as a form).
     is_form = request.content_type == "application/x-www-form-urlencoded"
     if not is_form or body.lstrip().startswith(b"{"):
-        return _validate(_CREDENTIALS, _json_object(body))
+        return validate(_CREDENTIALS, json_object(body))
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -69,7 +56,7 @@ async def _credentials(request: web.Request) -> dict[str, Any]:
         pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=FORM_FIELDS_MAX)
     except ValueError:
         raise BadRequest(f"form body has more than {FORM_FIELDS_MAX} fields") from None
-    return _validate(_LOGIN_FORM, dict(pairs))
+    return validate(_LOGIN_FORM, dict(pairs))
 
 
 def _throttle(request: web.Request, username: str) -> None:
@@ -108,7 +95,7 @@ async def register(request: web.Request) -> web.Response:
             "registration is closed; an operator adds accounts", code="registration_closed"
         )
     limit_attempts(request)
-    data = _validate(_REGISTER, _json_object(await read_small_body(request)))
+    data = validate(_REGISTER, json_object(await read_small_body(request)))
     accounts = request.app[accounts_key]
     taken = Conflict(
         "username already taken", code="username_taken", fields={"username": ["Already taken."]}
@@ -186,7 +173,7 @@ async def me(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     """End the token's session (`?all=true`: every session of the user); 204."""
     identity = await authenticate(request, allow_query=False)
-    query = _validate(_LOGOUT_QUERY, dict(request.query))
+    query = validate(_LOGOUT_QUERY, dict(request.query))
     await read_small_body(request)
     sessions = request.app[sessions_key]
     if query["all"]:
@@ -202,7 +189,7 @@ async def change_password(request: web.Request) -> web.Response:
     """{current_password, new_password}: set the new one and end every session; 204."""
     identity = await authenticate(request, allow_query=False)
     limit_attempts(request)
-    data = _validate(_CHANGE_PASSWORD, _json_object(await read_small_body(request)))
+    data = validate(_CHANGE_PASSWORD, json_object(await read_small_body(request)))
     accounts, passwords = request.app[accounts_key], request.app[passwords_key]
     user = await accounts.get_user(identity.user_id)
     stored = await accounts.password_hash(identity.user_id)

@@ -3,25 +3,23 @@ serialises."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
 
 from aiohttp import web
-from marshmallow import Schema, ValidationError
+from marshmallow import Schema
 
 from .. import budget, schemas
 from ..auth import Identity
 from ..errors import (
-    BadRequest,
     NotFound,
-    PayloadTooLarge,
     TooManyRequests,
     ValidationFailed,
 )
 from ..models import ACTIVE_STATUSES, Task, TaskStatus, dumps
 from ..tracker import Progress
+from .bodies import json_object, read_body, validate
 from .guards import authenticate
 from .keys import (
     config_key,
@@ -47,59 +45,10 @@ _REPORT_PROGRESS = schemas.ReportProgress()
 _STOCK_PARAMS = schemas.StockParams()
 
 
-async def _read_body(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(
-            f"body larger than {request.app[config_key].max_body_bytes} bytes"
-        ) from None
-
-
-async def _json_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
-    """The body as a JSON object ({} for an empty body when `allow_empty`)."""
-    body = await _read_body(request)
-    if not body.strip():
-        if allow_empty:
-            return {}
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
-    except RecursionError:  # nested deeper than the parser's stack
-        raise BadRequest("request body is nested too deeply to read", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    return data
-
-
-def _validate(schema: Schema, data: Any) -> dict[str, Any]:
-    try:
-        loaded = schema.load(data)
-    except ValidationError as exc:
-        raise ValidationFailed("invalid request", fields=exc.messages_dict) from None
-    # Python's json reads NaN/Infinity and "\ud800" escapes. Stored, a NaN would be sent back
-    # as text no browser parses, and a lone surrogate fails to encode inside SQLite's
-    # transaction. Objects and lists (params, result) are checked by `_raw_json`, depth
-    # first: serialising a value nested just under the parser's limit would blow the stack.
-    bad = {}
-    for name, value in loaded.items():
-        if isinstance(value, dict | list):
-            continue
-        try:
-            json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-        except ValueError:
-            bad[name] = ["Not valid JSON text: no NaN, Infinity or unpaired surrogates."]
-    if bad:
-        raise ValidationFailed("invalid request", fields=bad)
-    return loaded
-
-
 async def _body(
     request: web.Request, schema: Schema, *, allow_empty: bool = False
 ) -> dict[str, Any]:
-    return _validate(schema, await _json_object(request, allow_empty=allow_empty))
+    return validate(schema, json_object(await read_body(request), allow_empty=allow_empty))
 
 
 async def _caller(request: web.Request) -> Identity:
@@ -159,7 +108,7 @@ async def _create(
 ) -> web.Response:
     jobs = request.app[jobs_key]
     if jobs.is_builtin(kind):
-        params = _validate(_STOCK_PARAMS, params)
+        params = validate(_STOCK_PARAMS, params)
         params["code"] = params["code"].upper()
     raw = _raw_json(request, "params", params)
     task = await request.app[tracker_key].create_task(identity.user_id, kind, raw)
@@ -187,7 +136,7 @@ async def analyze_stock(request: web.Request) -> web.Response:
 @routes.get("/api/v1/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
     identity = await _caller(request)
-    query = _validate(_LIST_TASKS_QUERY, dict(request.query))
+    query = validate(_LIST_TASKS_QUERY, dict(request.query))
     status = query["status"]
     statuses = (
         None
@@ -217,7 +166,7 @@ async def get_task(request: web.Request) -> web.Response:
 @routes.get("/api/v1/tasks/{task_id}/events")
 async def list_events(request: web.Request) -> web.Response:
     identity = await _caller(request)
-    query = _validate(_LIST_EVENTS_QUERY, dict(request.query))
+    query = validate(_LIST_EVENTS_QUERY, dict(request.query))
     task = await _owned_task(request, identity)
     page = await request.app[store_key].list_events(task.id, query["after_seq"], query["limit"])
     following = page.events[-1].seq if page.more else None
@@ -298,6 +247,6 @@ async def cancel_task(request: web.Request) -> web.Response:
 async def list_subscriptions(request: web.Request) -> web.Response:
     """The caller's subscription history, newest first (the demo page's "resume" hint)."""
     identity = await _caller(request)
-    query = _validate(_LIST_SUBSCRIPTIONS_QUERY, dict(request.query))
+    query = validate(_LIST_SUBSCRIPTIONS_QUERY, dict(request.query))
     records = await request.app[store_key].list_subscriptions(identity.user_id, query["limit"])
     return web.json_response({"subscriptions": [r.to_dict() for r in records]})

@@ -15,8 +15,8 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from ..errors import PayloadTooLarge
-from .keys import config_key, metrics_key
+from .bodies import read_body
+from .keys import metrics_key
 from .serve import GuardedRequestHandler
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -80,12 +80,9 @@ def request_deadline(timeout: float) -> Middleware:
             if request.can_read_body and not own:
                 try:
                     async with asyncio.timeout(timeout):
-                        await request.read()
+                        await read_body(request)  # cached: the handler's read returns it
                 except TimeoutError:
                     return await _drop_slow_body(request, timeout)
-                except web.HTTPRequestEntityTooLarge:
-                    limit = request.app[config_key].max_body_bytes
-                    raise PayloadTooLarge(f"body larger than {limit} bytes") from None
             try:
                 return await handler(request)
             except BodyTimeout:
