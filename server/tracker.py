@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import Unavailable
+from .errors import QuotaExceeded, Unavailable
 from .lifecycle import (
     Cancel,
     Change,
@@ -276,6 +276,9 @@ class Tracker:
         self.batch_sizes.observe(len(batch))
         self.commits += 1
         for pending, outcome in zip(batch, plan.outcomes, strict=True):
+            if isinstance(outcome.error, QuotaExceeded):
+                quota = outcome.error.fields.get("quota", "")
+                self._refusals.note(f"quota_{quota}", f"lane={pending.lane}")
             self.events_committed += len(outcome.events)
             if not pending.future.done():
                 pending.future.set_result(outcome)

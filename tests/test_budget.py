@@ -275,3 +275,5 @@ async def test_quota_answers_over_http(aiohttp_client, make_app) -> None:
     assert error["code"] == "quota_exceeded" and error["fields"] == {"quota": "unfinished_tasks"}
     assert resp.headers["Retry-After"] == "60"
     assert json.loads(await resp.text())  # the usual JSON error shape
+    metrics = await (await client.get("/metrics")).text()
+    assert 'progress_refused_total{reason="quota_unfinished_tasks"} 1.0' in metrics

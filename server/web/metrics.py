@@ -224,6 +224,11 @@ class ProgressCollector:
             yield GaugeMetricFamily(
                 "progress_jobs_running", "Built-in jobs running.", value=m.jobs.running_count
             )
+            yield GaugeMetricFamily(
+                "progress_jobs_waiting",
+                "Built-in jobs waiting for a slot (their tasks are pending).",
+                value=m.jobs.waiting_count,
+            )
         if m.sockets is not None:
             yield GaugeMetricFamily(
                 "progress_ws_backlog_bytes",
