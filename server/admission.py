@@ -14,6 +14,11 @@ from __future__ import annotations
 import asyncio
 import random
 
+from .stats import Histogram
+
+#: Upper bounds of the loop-lag histogram, in seconds of lateness per probe.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
 
 class LoopLag:
     """Measures how late the event loop wakes a sleeping task, smoothed."""
@@ -24,6 +29,8 @@ class LoopLag:
         self._smoothing = smoothing
         #: Smoothed lateness of the last probes, in seconds.
         self.lag = 0.0
+        #: Every probe's lateness (for /metrics: how often the loop ran late, by how much).
+        self.histogram = Histogram(LAG_BUCKETS)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -42,6 +49,7 @@ class LoopLag:
             await asyncio.sleep(self.interval)
             late = max(0.0, loop.time() - before - self.interval)
             self.lag += self._smoothing * (late - self.lag)
+            self.histogram.observe(late)
 
 
 class Admission:

@@ -352,3 +352,27 @@ async def test_a_flood_of_refused_credentials_is_counted_not_logged_each_time(cl
     assert len(lines) == 1
     metrics = await (await client.get("/metrics")).text()
     assert 'progress_auth_failures_total{reason="invalid_token"} 100.0' in metrics
+
+
+async def test_refused_requests_are_logged_once_a_minute_per_route_and_peer(caplog):
+    """A flood of 429s leaves one access-log line saying how many were held back; successes
+    are each logged."""
+    from server.web import logs
+
+    logs._REFUSED_LINES = logs.LogLimiter()
+    logger = logs.AccessLogger(logging.getLogger("test.access"), "")
+
+    class Route:
+        resource = type("R", (), {"canonical": "/api/v1/tasks/{task_id}/progress"})()
+
+    class Request:
+        method, remote = "POST", "10.0.0.1"
+        rel_url = type("U", (), {"raw_path": "/api/v1/tasks/abc/progress"})()
+        match_info = type("M", (), {"route": Route()})()
+
+    caplog.set_level(logging.INFO, logger="test.access")
+    for status in [429] * 50 + [200] * 3:
+        logger.log(Request(), type("Resp", (), {"status": status})(), 0.001)  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("status=429" in line for line in lines) == 1
+    assert sum("status=200" in line for line in lines) == 3

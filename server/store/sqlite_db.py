@@ -37,6 +37,8 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _SQLITE_HEADER = b"SQLite format 3\x00"
 #: How long a connection waits for another one's lock before "database is locked", in ms.
 BUSY_TIMEOUT_MS = 10_000
+#: Seconds between two background (PASSIVE) WAL checkpoints.
+CHECKPOINT_INTERVAL = 1.0
 #: Mode of the database file and its -wal/-shm companions: the owner only.
 FILE_MODE = 0o600
 
@@ -111,6 +113,10 @@ class WriterThread:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # No checkpoint inside a commit: by default the commit that passes 1000 WAL pages
+        # copies them all into the database and fsyncs it, and every producer waits behind
+        # it. `Database.run_checkpoints` does that on a connection of its own instead.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         return conn
 
     def _run(self) -> None:
@@ -193,16 +199,45 @@ class ReaderPool:
 
 
 class Database:
-    """The writer thread and the reader pool of one SQLite file."""
+    """The writer thread, the reader pool and the checkpointer of one SQLite file."""
 
-    def __init__(self, path: Path, writer: WriterThread, readers: ReaderPool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        writer: WriterThread,
+        readers: ReaderPool,
+        checkpointer: aiosqlite.Connection,
+    ) -> None:
         self.path = path
         self.writer = writer
         self.readers = readers
+        #: Copies the WAL into the database in the background (PASSIVE: never blocks the
+        #: writer or the readers), so commits never do it themselves.
+        self._checkpointer = checkpointer
+        #: WAL frames copied by background checkpoints (tests, metrics).
+        self.frames_checkpointed = 0
 
     async def close(self) -> None:
+        await self._checkpointer.close()
         await self.readers.close()
         await self.writer.stop()
+
+    async def run_checkpoints(self, interval: float = CHECKPOINT_INTERVAL) -> None:
+        """Checkpoint the WAL every `interval` seconds, PASSIVE, until cancelled.
+
+        A PASSIVE checkpoint copies what no reader still needs and returns; the writer keeps
+        appending meanwhile. The WAL is then reused from its start (and truncated by the
+        retention job's TRUNCATE checkpoints), so it stays small however busy the writer.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                rows = await self._checkpointer.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.warning("db.checkpoint_failed error=%s", exc)
+                continue
+            if rows and rows[0][2] > 0:
+                self.frames_checkpointed += int(rows[0][2])
 
     async def write(self, fn: Transaction[T]) -> T:
         """Run `fn(conn)` as one write transaction on the writer thread."""
@@ -305,13 +340,17 @@ def _prepare(conn: sqlite3.Connection, path: Path, is_new: bool, migrations_dir:
             pass
 
 
-async def _connect_reader(path: Path) -> aiosqlite.Connection:
+async def _connect_reader(
+    path: Path, *, read_only: bool = True, synchronous: str = "FULL"
+) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA foreign_keys = ON")
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await conn.execute("PRAGMA query_only = ON")
+        await conn.execute(f"PRAGMA synchronous = {synchronous}")
+        if read_only:
+            await conn.execute("PRAGMA query_only = ON")
     except BaseException:
         # An unclosed aiosqlite thread would hang exit.
         await conn.close()
@@ -340,13 +379,15 @@ async def open_database(
         )
         for _ in range(readers):
             conns.append(await _connect_reader(path))
+        checkpointer = await _connect_reader(path, read_only=False, synchronous=synchronous)
+        conns.append(checkpointer)
     except sqlite3.DatabaseError as exc:
         await _close_all(conns, writer)
         raise DatabaseError(f"{path} cannot be opened as a database: {exc}") from exc
     except BaseException:
         await _close_all(conns, writer)
         raise
-    return Database(path, writer, ReaderPool(conns))
+    return Database(path, writer, ReaderPool(conns[:-1]), checkpointer)
 
 
 async def _close_all(conns: Iterable[aiosqlite.Connection], writer: WriterThread) -> None:

@@ -207,7 +207,12 @@ def _services(config: Config, secret: str) -> Callable[[web.Application], AsyncI
         app[hub_key], app[history_key], app[jobs_key] = hub, history, jobs
         app[retention_key] = retention
         app[metrics_key].bind(
-            store=store, tracker=tracker, hub=hub, jobs=jobs, sockets=app[websockets_key]
+            store=store,
+            tracker=tracker,
+            hub=hub,
+            jobs=jobs,
+            sockets=app[websockets_key],
+            loop_lag=app[admission_key].lag.histogram,
         )
         tracker.start()
         lag = app[admission_key].lag
@@ -220,10 +225,13 @@ def _services(config: Config, secret: str) -> Callable[[web.Application], AsyncI
         app[resumed_jobs_key] = await store.count_unfinished(jobs.kinds)
         jobs.resume_unfinished(store)
         sweeper = asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")
+        checkpoints = asyncio.create_task(db.run_checkpoints(), name="wal-checkpoints")
         try:
             yield
         finally:
             sweeper.cancel()
+            checkpoints.cancel()
+            await asyncio.gather(checkpoints, return_exceptions=True)
             await lag.stop()
             await retention.stop()
             await sessions.stop()

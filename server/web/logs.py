@@ -24,6 +24,8 @@ from typing import Any
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from ..refusals import LogLimiter
+
 LOG_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 #: An event name: dotted lower-case words (`ws.connect`, `http.request`).
@@ -45,8 +47,16 @@ _SECRET = re.compile(
 )
 
 
+#: Every match of _SECRET contains one of these (lower-cased): a cheap test first, since
+#: almost no line has any, and the regex costs more than the rest of formatting a line.
+_SECRET_HINTS = ("bearer", "token=", "password", "eyj")
+
+
 def redact(text: str) -> str:
     """`text` with bearer tokens, `token=`/`password` values and anything JWT-shaped hidden."""
+    lowered = text.lower()
+    if not any(hint in lowered for hint in _SECRET_HINTS):
+        return text
     return _SECRET.sub(
         lambda m: (m.group(1) or m.group(2) or m.group(3) or "") + "[redacted]", text
     )
@@ -135,15 +145,32 @@ def log_path(request: BaseRequest) -> str:
     return request.rel_url.raw_path
 
 
+#: Refused requests (4xx, 503) are logged once a minute per status, route and peer: under
+#: a flood the access log would otherwise cost more than answering (they are all counted
+#: in /metrics, `progress_http_requests_total`, `progress_refused_total`).
+_REFUSED_LINES = LogLimiter()
+
+
 class AccessLogger(AbstractAccessLogger):
     """`http.request method=GET path=/x status=200 ms=1.2` — path only, never the query."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        status = response.status
+        held_back = 0
+        if 400 <= status < 500 or status == 503:
+            info = getattr(request, "match_info", None)  # a bare BaseRequest has none
+            resource = info.route.resource if info is not None else None
+            key = (status, resource.canonical if resource is not None else "", request.remote)
+            allowed = _REFUSED_LINES.allow(key)
+            if allowed is None:
+                return
+            held_back = allowed
         self.logger.info(
-            "http.request method=%s path=%s status=%s ms=%.1f peer=%s",
+            "http.request method=%s path=%s status=%s ms=%.1f peer=%s%s",
             request.method,
             log_path(request),
-            response.status,
+            status,
             time * 1000,
             request.remote,
+            f" held_back={held_back}" if held_back else "",
         )

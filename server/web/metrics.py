@@ -119,6 +119,8 @@ class Metrics:
         self.hub: Hub | None = None
         self.jobs: JobRunner | None = None
         self.sockets: weakref.WeakSet[_Backlog] | None = None
+        #: Lateness of the event loop's probes (admission.LoopLag).
+        self.loop_lag: Histogram | None = None
         #: The listening sockets' connection count (set by serve.py; not in test servers).
         self.listener: _Listener | None = None
         #: Tasks per status as last read from SQLite, and when (monotonic) / at which commit.
@@ -141,9 +143,11 @@ class Metrics:
         hub: Hub,
         jobs: JobRunner,
         sockets: weakref.WeakSet[_Backlog],
+        loop_lag: Histogram | None = None,
     ) -> None:
         self.store, self.tracker, self.hub, self.jobs = store, tracker, hub, jobs
         self.sockets = sockets
+        self.loop_lag = loop_lag
 
     def bind_listener(self, listener: _Listener) -> None:
         self.listener = listener
@@ -234,6 +238,13 @@ class ProgressCollector:
                 "progress_ws_backlog_bytes",
                 "Bytes waiting to be sent to WebSocket clients (outboxes + socket buffers).",
                 value=sum(c.backlog_bytes for c in list(m.sockets)),
+            )
+        if m.loop_lag is not None:
+            yield _histogram(
+                "progress_event_loop_lag_seconds",
+                "How late the event loop woke a probe sleeping 50 ms (everything else waits"
+                " as long).",
+                m.loop_lag,
             )
         if m.db_bytes:
             size = GaugeMetricFamily(
