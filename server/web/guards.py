@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 import time
@@ -62,6 +63,7 @@ def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(item, strict=False) for item in items)
 
 
+@functools.lru_cache(maxsize=4096)  # per request, and ipaddress is slow: a flood repeats
 def parse_address(text: str) -> Address | None:
     """An IP address from `1.2.3.4`, `1.2.3.4:80`, `::1` or `[::1]:80`; None if it is not one.
 
@@ -114,6 +116,7 @@ def client_address(request: web.BaseRequest, trusted: Sequence[Network]) -> str:
     return str(first) if first is not None else str(peer)
 
 
+@functools.lru_cache(maxsize=4096)
 def rate_key(address: str) -> str:
     """What a per-address limit counts by: the address, or its /64 for IPv6.
 
