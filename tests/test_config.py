@@ -19,6 +19,9 @@ def test_defaults_without_flags_or_environment() -> None:
     assert config.job_step_delay == 1.0
     assert config.jwt_secret is None
     assert config.migrations_dir == PROJECT_ROOT / "migrations" / "sqlite"
+    # Defaults for a server open to the internet (issue 8): tens of sockets per user.
+    assert (config.max_connections_per_user, config.max_unfinished_tasks_per_user) == (64, 1000)
+    assert (config.max_json_bytes, config.max_json_depth) == (64 * 1024, 32)
 
 
 def test_flags_set_every_field() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
 import threading
@@ -206,3 +207,21 @@ async def test_older_database_without_auto_vacuum_opens_with_a_warning(
     finally:
         await db.close()
     assert [r.getMessage().split()[0] for r in caplog.records].count("db.auto_vacuum_off") == 1
+
+
+async def test_long_reads_cannot_take_every_reader(tmp_path: Path) -> None:
+    """While long reads hold the bulk half of the pool, a small read still runs at once."""
+    db = await open_database(tmp_path / "app.db", MIGRATIONS, readers=4)
+    slow = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000)"
+        " SELECT count(*) FROM n"
+    )
+    try:
+        long_reads = [asyncio.create_task(db.fetch(slow, bulk=True)) for _ in range(4)]
+        await asyncio.sleep(0.05)  # the first two have a reader each, two more wait
+        small = asyncio.create_task(db.fetch("SELECT 1"))
+        done, _ = await asyncio.wait([small, *long_reads], return_when=asyncio.FIRST_COMPLETED)
+        assert small in done
+        await asyncio.gather(*long_reads)
+    finally:
+        await db.close()

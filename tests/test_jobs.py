@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from server.store.sqlite_writes import TaskWriter
-from server.web.keys import jobs_key
+from server.web.keys import jobs_key, store_key, tracker_key
 
 from .helpers import auth_headers, eventually, register
 
@@ -123,3 +123,23 @@ async def test_a_passing_write_failure_is_retried_not_fatal(aiohttp_client, make
     resp = await client.get(f"{API}/tasks/{task_id}/events", headers=auth_headers(token))
     steps = [e["step"] for e in (await resp.json())["events"] if e["event"] == "progress"]
     assert steps == ["load_prices", "load_prices", "moving_averages", "rsi", "macd", "signal"]
+
+
+async def test_resumed_jobs_respect_the_running_limits(aiohttp_client, make_app):
+    """Unfinished built-in tasks found at start are queued, not all started at once."""
+    client = await serve(aiohttp_client, make_app(job_step_delay=0.2, max_running_jobs=2))
+    token = await register(client, "alice")
+    tracker = client.app[tracker_key]
+    for _ in range(5):  # as if left unfinished by an earlier run
+        await tracker.create_task(1, "stock_analysis", '{"code":"AAPL"}')
+    jobs = client.app[jobs_key]
+    jobs.resume_unfinished(client.app[store_key])
+    await eventually(lambda: _all_queued(jobs))
+    assert jobs.running_count == 2
+    await jobs.wait_idle()
+    resp = await client.get(f"{API}/tasks?status=completed", headers=auth_headers(token))
+    assert len((await resp.json())["tasks"]) == 5
+
+
+async def _all_queued(jobs: Any) -> bool:
+    return jobs.running_count + jobs.waiting_count == 5

@@ -308,3 +308,12 @@ async def test_a_token_for_an_unknown_user_cannot_create(tracker):
         await tracker.create_task(99, "external", "{}")
     assert getattr(refused.value, "status", None) == 401
     await tracker.create_task(1, "external", "{}")
+
+
+async def test_the_write_cache_holds_no_params(tracker, store):
+    """What the tracker keeps of a task between writes is its small state, not its params."""
+    task = await tracker.create_task(1, "external", '{"blob":"' + "x" * 60000 + '"}')
+    await tracker.report_progress(task.id, Progress(5, message="m" * 60000))
+    cached = store._writer.states[task.id]
+    assert isinstance(cached, TaskState)
+    assert sum(len(str(getattr(cached, f))) for f in cached.__slots__) < 1000
