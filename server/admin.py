@@ -22,8 +22,8 @@ from . import schemas
 from .auth import Passwords
 from .config import Config, ConfigError, config_from
 from .models import utc_now
-from .store.sqlite_accounts import AccountStore, UsernameTaken
-from .store.sqlite_db import Database, DatabaseError, open_database
+from .store import Backend, StoreUnavailable, UsernameTaken, open_store
+from .store.sqlite_db import DatabaseError
 
 OK, REFUSED, USAGE = 0, 1, 2
 
@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=argparse.SUPPRESS,
         help="SQLite database file [env PROGRESS_DB, default data/app.db]",
+    )
+    common.add_argument(
+        "--store",
+        dest="store",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="sqlite:///FILE or postgresql://… [env PROGRESS_STORE, default from --db]",
     )
     common.add_argument(
         "--password-hash-cost",
@@ -80,7 +87,7 @@ def main(argv: Sequence[str]) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(list(argv))
-        given = {"db_path": getattr(args, "db_path", None)}
+        given = {"db_path": getattr(args, "db_path", None), "store": getattr(args, "store", None)}
         given["password_hash_cost"] = getattr(args, "password_hash_cost", None)
         config = config_from(parser, given, os.environ)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
@@ -116,19 +123,26 @@ def _new_password(name: str) -> str:
     return password
 
 
-async def _open(config: Config, *, create: bool) -> Database:
-    if not create and not config.db_path.exists():
-        raise _Refused(f"no database at {config.db_path}")
-    return await open_database(
-        config.db_path, config.migrations_dir, config.sqlite_synchronous, readers=1
-    )
+async def _open(config: Config, *, create: bool) -> Backend:
+    path = config.sqlite_path
+    if not create and path is not None and not path.exists():
+        raise _Refused(f"no database at {path}")
+    try:
+        return await open_store(
+            config.store_url,
+            migrations_root=config.migrations_dir.parent,
+            synchronous=config.sqlite_synchronous,
+            readers=1,
+        )
+    except StoreUnavailable as exc:
+        raise _Refused(f"cannot reach the store: {exc}") from None
 
 
 async def _add(config: Config, name: str, password: str) -> int:
-    db = await _open(config, create=True)
+    backend = await _open(config, create=True)
     passwords = Passwords(config.password_hash_cost, workers=1)
     try:
-        accounts = AccountStore(db)
+        accounts = backend.accounts
         if await accounts.username_taken(name):
             raise _Refused(f"user {name} exists")
         password_hash = await asyncio.to_thread(passwords.hash_sync, password)
@@ -138,31 +152,31 @@ async def _add(config: Config, name: str, password: str) -> int:
             raise _Refused(f"user {name} exists") from None
     finally:
         passwords.close()
-        await db.close()
+        await backend.close()
     print(f"added user {user.username} (id {user.id})")
     return OK
 
 
 async def _remove(config: Config, name: str) -> int:
-    db = await _open(config, create=False)
+    backend = await _open(config, create=False)
     try:
-        accounts = AccountStore(db)
+        accounts = backend.accounts
         user = await accounts.find_user(name)
         if user is None:
             raise _Refused(f"no user {name}")
         await accounts.remove_user(user.id, time.time())
     finally:
-        await db.close()
+        await backend.close()
     print(f"removed user {user.username} (id {user.id}) with their sessions, tasks and events")
     return OK
 
 
 async def _list(config: Config) -> int:
-    db = await _open(config, create=False)
+    backend = await _open(config, create=False)
     try:
-        users = await AccountStore(db).list_users()
+        users = await backend.accounts.list_users()
     finally:
-        await db.close()
+        await backend.close()
     rows = [("id", "username", "created_at", "tasks")]
     rows += [(str(u.id), u.username, u.created_at, str(u.tasks)) for u in users]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

@@ -14,6 +14,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,40 @@ def _networks(value: Any) -> str | None:
     return None
 
 
+def _store_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    from .store import parse_store_url
+
+    try:
+        parse_store_url(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _broker_url(value: Any) -> str | None:
+    from .broker import broker_kind
+
+    try:
+        broker_kind(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _node_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, str)
+        and 1 <= len(value) <= 64
+        and value.isprintable()
+        and " " not in value
+    )
+    return None if ok else "must be 1-64 printable characters without spaces"
+
+
 # -- parsers for flag and environment text ------------------------------------------------
 
 
@@ -150,8 +185,31 @@ class Config:
         Path("data/app.db"),
         "--db",
         "PROGRESS_DB",
-        "SQLite database file (created with its folder)",
+        "SQLite database file (created with its folder); shorthand for --store sqlite:///PATH",
         parse=Path,
+    )
+    store: str | None = setting(
+        None,
+        "--store",
+        "PROGRESS_STORE",
+        "sqlite:///PATH (one process) or postgresql://user:password@host:port/db (many nodes)",
+        check=_store_url,
+        shown="sqlite:///data/app.db (from --db)",
+    )
+    broker: str = setting(
+        "memory://",
+        "--broker",
+        "PROGRESS_BROKER",
+        "memory:// (one process) or redis://host:port/N (fan-out between nodes)",
+        check=_broker_url,
+    )
+    node_id: str | None = setting(
+        None,
+        "--node-id",
+        "PROGRESS_NODE_ID",
+        "this node's name in leases, logs and metrics",
+        check=_node_id,
+        shown="hostname-pid",
     )
     # -- the built-in job ----------------------------------------------------------------
     job_step_delay: float = setting(
@@ -521,14 +579,36 @@ class Config:
             raise ConfigError("; ".join(problems))
 
     @property
+    def store_url(self) -> str:
+        """--store, or the SQLite file of --db."""
+        if self.store is not None:
+            return self.store
+        path = self.db_path
+        return f"sqlite:///{path}"  # an absolute path gives the four slashes of sqlite:////
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file in use, or None for a PostgreSQL store."""
+        from .store import parse_store_url
+
+        return parse_store_url(self.store_url).path
+
+    @property
+    def node(self) -> str:
+        """--node-id, or this host's name and this process's id."""
+        return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
     def secret_path(self) -> Path:
         """Where a generated JWT secret is kept (beside the database)."""
-        return self.db_path.parent / (self.db_path.name + ".jwt-secret")
+        path = self.sqlite_path or self.db_path
+        return path.parent / (path.name + ".jwt-secret")
 
     @property
     def lock_path(self) -> Path:
-        """The single-instance lock file beside the database."""
-        return self.db_path.parent / (self.db_path.name + ".lock")
+        """The single-instance lock file beside the SQLite database."""
+        path = self.sqlite_path or self.db_path
+        return path.parent / (path.name + ".lock")
 
 
 def _check_together(config: Config) -> list[str]:
@@ -539,6 +619,18 @@ def _check_together(config: Config) -> list[str]:
             "--max-connections must not exceed --max-http-connections (WebSockets are"
             " TCP connections too)"
         )
+    from .broker import broker_kind
+    from .store import parse_store_url
+
+    try:
+        shared = parse_store_url(config.store_url).kind != "sqlite"
+        if broker_kind(config.broker) != "memory" and not shared:
+            problems.append(
+                f"--broker {config.broker} needs a store that several processes share"
+                " (--store postgresql://…): a SQLite file is one process's"
+            )
+    except ValueError:
+        pass  # reported by the settings' own checks
     largest = largest_message_bytes(config.max_json_bytes)
     if largest > config.send_queue_bytes:
         problems.append(

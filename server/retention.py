@@ -27,23 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from .models import Event
-from .store.sqlite import EventSpan, Store
-from .store.sqlite_db import Database
+from .store import EventSpan, Store
 
 log = logging.getLogger(__name__)
 
 #: Most rows (events, tasks, subscription rows) deleted in one transaction.
 BATCH_ROWS = 1000
-#: Pages handed back to the file system per incremental-vacuum transaction (1 MiB of 4 KiB
-#: pages): each step holds the write lock only briefly.
-VACUUM_PAGES = 256
 #: Tasks read per page while planning.
 SCAN_PAGE = 1000
 #: How far back each run looks again for finished tasks whose history to trim: a task's
@@ -52,8 +47,6 @@ RESCAN_MARGIN = timedelta(minutes=10)
 #: How often the event-age rule looks at every old finished task, not only those that
 #: crossed the cutoff since the last run (in case the wall clock jumped back).
 FULL_SCAN_EVERY = timedelta(hours=1)
-#: SQLite's `PRAGMA auto_vacuum` value for INCREMENTAL.
-_AUTO_VACUUM_INCREMENTAL = 2
 
 
 def _utc_now() -> datetime:
@@ -130,20 +123,17 @@ class Retention:
     def __init__(
         self,
         store: Store,
-        db: Database,
         *,
         event_retention: float,
         task_retention: float,
         max_events_per_task: int,
         interval: float,
         batch_rows: int = BATCH_ROWS,
-        vacuum_pages: int = VACUUM_PAGES,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         if batch_rows < 2:
             raise ValueError("batch_rows must be at least 2")
         self._store = store
-        self._db = db
         #: Seconds after finished_at; 0 = off.
         self.event_retention = event_retention
         #: Seconds after finished_at; 0 = off.
@@ -153,7 +143,6 @@ class Retention:
         #: Seconds between runs.
         self.interval = interval
         self._batch_rows = batch_rows
-        self._vacuum_pages = vacuum_pages
         #: The current time as an aware datetime; tests pass a fake one.
         self.clock = clock
         #: Tasks that may hold more than max_events_per_task events (fed by on_event).
@@ -164,8 +153,6 @@ class Retention:
         self._trimmed_before: datetime | None = None
         #: Clock time of the last complete run of the event-age rule over all old tasks.
         self._full_scan_at: datetime | None = None
-        #: 2 when the database gives pages back (auto_vacuum=INCREMENTAL); read once.
-        self._auto_vacuum: int | None = None
         self._loop_task: asyncio.Task[None] | None = None
         #: Set by stop(): the loop ends at the next pause between two transactions.
         self._stopping = False
@@ -322,11 +309,9 @@ class Retention:
         """Rule 3: the oldest events of tasks above max_events_per_task."""
         cap = self.max_events_per_task
         if not self._cap_scanned:
-            after_rowid: int | None = 0
-            while after_rowid is not None:
-                after_rowid, ids = await self._store.tasks_with_seq_over(
-                    cap, after_rowid, SCAN_PAGE
-                )
+            after_id: str | None = ""
+            while after_id is not None:
+                after_id, ids = await self._store.tasks_with_seq_over(cap, after_id, SCAN_PAGE)
                 self._cap_candidates.update(ids)
             self._cap_scanned = True
         # Tasks that grow during this run land in the new set, for the next run.
@@ -344,17 +329,5 @@ class Retention:
             raise
 
     async def _compact(self, report: RetentionReport) -> None:
-        """Give free pages back in small steps, then checkpoint and truncate the WAL."""
-        if self._auto_vacuum is None:
-            self._auto_vacuum = await self._db.auto_vacuum_mode()
-        if self._auto_vacuum == _AUTO_VACUUM_INCREMENTAL:
-            free = await self._db.free_pages()
-            # Bounded: each step frees up to vacuum_pages, the loop stops when none are left.
-            for _ in range(math.ceil(free / self._vacuum_pages)):
-                await self._db.incremental_vacuum(self._vacuum_pages)
-                await self._pause()
-            if free:
-                report.pages_freed = max(0, free - await self._db.free_pages())
-        busy, wal_pages, done = await self._db.checkpoint()
-        if busy:
-            log.debug("retention.checkpoint_busy wal_pages=%d checkpointed=%d", wal_pages, done)
+        """Hand free space back (the store knows how: SQLite vacuums in steps)."""
+        report.pages_freed = await self._store.reclaim(self._pause)

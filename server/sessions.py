@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .auth import Identity
 from .errors import Unauthorized
-from .store.sqlite_accounts import AccountStore, SessionRecord
+from .store import Accounts, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class SessionService:
 
     def __init__(
         self,
-        accounts: AccountStore,
+        accounts: Accounts,
         max_age: float,
         *,
         cache_ttl: float = CACHE_TTL,

@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from .models import utc_now
-from .store.sqlite import Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,7 @@ from .lifecycle import (
 from .models import Event, RawJson, Task, utc_now
 from .refusals import Refusals
 from .stats import Histogram
-from .store.sqlite import Store
-from .store.sqlite_writes import StoreUnavailable
+from .store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ def make_retention(app: web.Application, clock: FakeClock, **options: Any) -> Re
         "clock": clock,
     }
     settings.update(options)
-    retention = Retention(app[store_key], app[db_key], **settings)
+    retention = Retention(app[store_key], **settings)
     app[tracker_key].add_listener(retention.on_event)
     return retention
 
@@ -240,7 +240,6 @@ async def test_cap_finds_old_tasks_at_its_first_run(client):
     clock = FakeClock()
     retention = Retention(
         client.app[store_key],
-        client.app[db_key],
         event_retention=0,
         task_retention=0,
         max_events_per_task=20,

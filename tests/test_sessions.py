@@ -18,7 +18,7 @@ from server.auth import Identity
 from server.config import PROJECT_ROOT
 from server.errors import Unauthorized
 from server.sessions import CACHE_TTL, SessionService
-from server.store.sqlite_accounts import AccountStore
+from server.store.sqlite_accounts import SQLiteAccounts as AccountStore
 from server.store.sqlite_db import open_database
 from server.web.app import create_app
 

@@ -6,8 +6,8 @@ import aiosqlite
 import pytest
 
 from server.config import PROJECT_ROOT
-from server.store.sqlite import Store
-from server.store.sqlite_accounts import AccountStore
+from server.store.sqlite import SQLiteStore as Store
+from server.store.sqlite_accounts import SQLiteAccounts as AccountStore
 from server.store.sqlite_db import open_database
 from server.tracker import Progress, Tracker
 

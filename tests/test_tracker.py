@@ -11,8 +11,8 @@ from server.config import PROJECT_ROOT
 from server.errors import NotFound, QuotaExceeded, TaskFinished, Unavailable
 from server.lifecycle import Cancel, Complete, Fail, Progress, Quotas, transition
 from server.models import EventType, TaskState, TaskStatus
-from server.store.sqlite import Store
-from server.store.sqlite_accounts import AccountStore
+from server.store.sqlite import SQLiteStore as Store
+from server.store.sqlite_accounts import SQLiteAccounts as AccountStore
 from server.store.sqlite_db import open_database
 from server.store.sqlite_writes import TaskWriter
 from server.tracker import Tracker

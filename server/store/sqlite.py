@@ -10,18 +10,34 @@ fit, so a page is never loaded only to find out it is too big.
 
 from __future__ import annotations
 
+import logging
+import math
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from ..lifecycle import Plan, Quotas, Request
 from ..models import Event, EventType, Task, TaskStatus
-from .sqlite_db import Database
+from .records import (
+    MAX_PAGE_BYTES,
+    EventPage,
+    EventSpan,
+    StoreUnavailable,
+    SubscriptionRecord,
+    TaskPage,
+    fit,
+)
+from .sqlite_db import Database, open_database
 from .sqlite_writes import TaskWriter
 
-#: Bytes of one page of a list or a replay, about (a page always has at least one row).
-MAX_PAGE_BYTES = 1024 * 1024
+#: Pages handed back to the file system per incremental-vacuum step (1 MiB of 4 KiB
+#: pages): each step holds the writer only briefly.
+VACUUM_PAGES = 256
+#: SQLite's `PRAGMA auto_vacuum` value for INCREMENTAL.
+_AUTO_VACUUM_INCREMENTAL = 2
 
 _TASK_COLUMNS = (
     "id, user_id, kind, params, status, progress, step, message, result, error, seq,"
@@ -29,69 +45,7 @@ _TASK_COLUMNS = (
 )
 _EVENT_COLUMNS = "task_id, seq, event, status, progress, step, message, result, error, ts"
 
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionRecord:
-    task_id: str
-    connection_id: str
-    subscribed_at: str
-    unsubscribed_at: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "connection_id": self.connection_id,
-            "subscribed_at": self.subscribed_at,
-            "unsubscribed_at": self.unsubscribed_at,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class EventSpan:
-    """Which of a task's events are still stored: always the gapless run first_kept..seq.
-
-    Retention only ever deletes a prefix of a task's history, so a count is a subtraction.
-    """
-
-    task_id: str
-    #: None while the task is not finished.
-    finished_at: str | None
-    #: The seq of the task's latest event.
-    seq: int
-    #: The lowest seq still stored; None when no event is (left).
-    first_kept: int | None
-    #: Rows in `subscriptions` for the task (only counted when asked for, else 0).
-    subscriptions: int = 0
-
-    @property
-    def kept(self) -> int:
-        """Events stored for the task."""
-        return 0 if self.first_kept is None else self.seq - self.first_kept + 1
-
-
-@dataclass(frozen=True, slots=True)
-class TaskPage:
-    tasks: list[Task]
-    #: (created_at, rowid) to continue from, or None: nothing more.
-    next: tuple[str, int] | None
-
-
-@dataclass(frozen=True, slots=True)
-class EventPage:
-    events: list[Event]
-    #: True when the page stopped at a limit and later events may exist.
-    more: bool
-
-
-def _fit(rows: Sequence[sqlite3.Row], max_bytes: int, size_index: int) -> tuple[list[Any], bool]:
-    """The leading rows whose sizes add up to at most `max_bytes` (at least one row), and
-    whether rows were left out for it."""
-    total = 0
-    for i, row in enumerate(rows):
-        total += row[size_index] or 0
-        if total > max_bytes and i > 0:
-            return list(rows[:i]), True
-    return list(rows), False
+log = logging.getLogger(__name__)
 
 
 def _task_from_row(row: sqlite3.Row) -> Task:
@@ -140,12 +94,30 @@ def _span_from_row(row: sqlite3.Row) -> EventSpan:
     )
 
 
-class Store:
+async def open_sqlite(path: Path, migrations_dir: Path, synchronous: str, readers: int) -> Any:
+    """The SQLite `Backend` (see store/__init__.py) for the file at `path`."""
+    from . import Backend
+    from .sqlite_accounts import SQLiteAccounts
+
+    db = await open_database(path, migrations_dir, synchronous, readers)
+    return Backend(
+        kind="sqlite",
+        store=SQLiteStore(db),
+        accounts=SQLiteAccounts(db),
+        close=db.close,
+        shared=False,
+        sqlite=db,
+    )
+
+
+class SQLiteStore:
     """Reads on the reader pool; writes one transaction at a time on the writer thread."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
         self._writer = TaskWriter(db)
+        #: auto_vacuum mode, read once (None: not yet).
+        self._auto_vacuum: int | None = None
 
     # -- tasks and events: reads ---------------------------------------------------------
 
@@ -184,7 +156,7 @@ class Store:
             [*args, limit + 1],
             bulk=True,
         )
-        chosen, cut = _fit(sizes[:limit], max_bytes, 2)
+        chosen, cut = fit(sizes[:limit], max_bytes, 2)
         if not chosen:
             return TaskPage([], None)
         rows = await self._db.fetch(
@@ -206,7 +178,7 @@ class Store:
             (task_id, after_seq, limit + 1),
             bulk=True,
         )
-        chosen, cut = _fit(sizes[:limit], max_bytes, 1)
+        chosen, cut = fit(sizes[:limit], max_bytes, 1)
         if not chosen:
             return EventPage([], False)
         rows = await self._db.fetch(
@@ -244,22 +216,69 @@ class Store:
     async def tasks_to_resume(
         self, kinds: Iterable[str], after: tuple[str, str] | None = None, limit: int = 100
     ) -> list[Task]:
-        """Unfinished tasks of the given kinds, oldest first, a page at a time.
-
-        `after` is (created_at, id) of the last task of the previous page.
-        """
+        """Unfinished tasks of the given kinds whose job lease is absent or expired, oldest
+        first, a page at a time. `after` is (created_at, id) of the previous page's last."""
         wanted = list(kinds)
         if not wanted:
             return []
         since, since_id = after or ("", "")
         rows = await self._db.fetch(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN ('pending', 'running')"
-            f" AND kind IN ({','.join('?' * len(wanted))}) AND (created_at, id) > (?, ?)"
-            " ORDER BY created_at, id LIMIT ?",
-            [*wanted, since, since_id, limit],
+            f"SELECT {_TASK_COLUMNS.replace('id,', 't.id,', 1)} FROM tasks t"
+            " LEFT JOIN job_leases l ON l.task_id = t.id"
+            " WHERE t.status IN ('pending', 'running')"
+            f" AND t.kind IN ({','.join('?' * len(wanted))}) AND (t.created_at, t.id) > (?, ?)"
+            " AND (l.task_id IS NULL OR l.expires_at < ?)"
+            " ORDER BY t.created_at, t.id LIMIT ?",
+            [*wanted, since, since_id, time.time(), limit],
             bulk=True,
         )
         return [_task_from_row(row) for row in rows]
+
+    async def task_seqs(self, task_ids: Sequence[str]) -> dict[str, int]:
+        """The latest seq of each task that exists."""
+        found: dict[str, int] = {}
+        for start in range(0, len(task_ids), 500):
+            chunk = list(task_ids[start : start + 500])
+            rows = await self._db.fetch(
+                f"SELECT id, seq FROM tasks WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
+            found.update((row[0], row[1]) for row in rows)
+        return found
+
+    # -- job leases ----------------------------------------------------------------------
+
+    async def acquire_lease(self, task_id: str, node_id: str, ttl: float) -> bool:
+        now = time.time()
+        return (
+            await self._db.execute(
+                "INSERT INTO job_leases (task_id, node_id, expires_at)"
+                " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?1)"
+                " ON CONFLICT (task_id) DO UPDATE SET node_id = ?2, expires_at = ?3"
+                " WHERE job_leases.node_id = ?2 OR job_leases.expires_at < ?4",
+                (task_id, node_id, now + ttl, now),
+            )
+            > 0
+        )
+
+    async def renew_leases(self, node_id: str, task_ids: Sequence[str], ttl: float) -> set[str]:
+        if not task_ids:
+            return set()
+        ids = list(task_ids)
+
+        def renew(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(
+                f"UPDATE job_leases SET expires_at = ? WHERE node_id = ?"
+                f" AND task_id IN ({','.join('?' * len(ids))}) RETURNING task_id",
+                (time.time() + ttl, node_id, *ids),
+            ).fetchall()
+            return {row[0] for row in rows}
+
+        return await self._db.write(renew)
+
+    async def release_lease(self, task_id: str, node_id: str) -> None:
+        await self._db.execute(
+            "DELETE FROM job_leases WHERE task_id = ? AND node_id = ?", (task_id, node_id)
+        )
 
     # -- tasks and events: the one write path --------------------------------------------
 
@@ -275,6 +294,7 @@ class Store:
         self,
         opened: Sequence[tuple[str, int, str, str]],
         closed: Sequence[tuple[str, str, str]],
+        node_id: str = "",
     ) -> None:
         """Record (connection_id, user_id, task_id, at) opened and (connection_id, task_id, at)
         closed subscriptions in one transaction."""
@@ -284,9 +304,10 @@ class Store:
         def transaction(conn: sqlite3.Connection) -> None:
             if opened:
                 conn.executemany(
-                    "INSERT INTO subscriptions (connection_id, user_id, task_id, subscribed_at)"
-                    " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?3)",
-                    opened,
+                    "INSERT INTO subscriptions"
+                    " (connection_id, user_id, task_id, subscribed_at, node_id)"
+                    " SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?3)",
+                    [(*row, node_id) for row in opened],
                 )
             if closed:
                 conn.executemany(
@@ -297,8 +318,9 @@ class Store:
 
         await self._db.write(transaction)
 
-    async def close_open_subscriptions(self, at: str) -> int:
-        """Mark every still-open subscription closed (at startup: no connection survived)."""
+    async def close_open_subscriptions(self, at: str, node_id: str = "") -> int:
+        """Mark every still-open subscription closed (at startup: no connection survived;
+        one process uses a SQLite file, so that is every node's)."""
         return await self._db.execute(
             "UPDATE subscriptions SET unsubscribed_at = ? WHERE unsubscribed_at IS NULL", (at,)
         )
@@ -370,16 +392,16 @@ class Store:
         return [_span_from_row(row) for row in rows]
 
     async def tasks_with_seq_over(
-        self, seq: int, after_rowid: int, limit: int
-    ) -> tuple[int | None, list[str]]:
+        self, seq: int, after_id: str, limit: int
+    ) -> tuple[str | None, list[str]]:
         """One page of a scan of all tasks: ids of those whose latest seq is above `seq`.
 
-        Looks at up to `limit` tasks after `after_rowid` (so other reads get their turn
-        between pages); returns the last rowid looked at (None: the scan is over) and the ids.
+        Looks at up to `limit` tasks after `after_id` (so other reads get their turn
+        between pages); returns the last id looked at (None: the scan is over) and the ids.
         """
         rows = await self._db.fetch(
-            "SELECT rowid, id, seq FROM tasks WHERE rowid > ? ORDER BY rowid LIMIT ?",
-            (after_rowid, limit),
+            "SELECT id, seq FROM tasks WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
             bulk=True,
         )
         if not rows:
@@ -435,3 +457,43 @@ class Store:
             return tasks, events, subs
 
         return await self._db.write(transaction)
+
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """One process uses a SQLite file (its lock file sees to it): always granted."""
+        yield True
+
+    async def reclaim(self, pause: Callable[[], Awaitable[None]]) -> int:
+        """Give free pages back in small steps, then checkpoint and truncate the WAL."""
+        if self._auto_vacuum is None:
+            self._auto_vacuum = await self._db.auto_vacuum_mode()
+        freed = 0
+        if self._auto_vacuum == _AUTO_VACUUM_INCREMENTAL:
+            free = await self._db.free_pages()
+            # Bounded: each step frees up to VACUUM_PAGES; the loop stops when none are left.
+            for _ in range(math.ceil(free / VACUUM_PAGES)):
+                await self._db.incremental_vacuum(VACUUM_PAGES)
+                await pause()
+            if free:
+                freed = max(0, free - await self._db.free_pages())
+        busy, wal_pages, done = await self._db.checkpoint()
+        if busy:
+            log.debug("db.checkpoint_busy wal_pages=%d checkpointed=%d", wal_pages, done)
+        return freed
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def size_bytes(self) -> dict[str, int]:
+        sizes = {}
+        for name, path in (("db", self._db.path), ("wal", Path(f"{self._db.path}-wal"))):
+            try:
+                sizes[name] = path.stat().st_size
+            except OSError:
+                pass
+        return sizes
+
+    async def ping(self) -> None:
+        try:
+            await self._db.fetch("SELECT 1")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc

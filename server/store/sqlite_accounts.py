@@ -8,52 +8,15 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from ..models import User
+from .records import SessionRecord, UsernameTaken, UserSummary, epoch_time, iso_time
 from .sqlite_db import Database
 
 #: Rows deleted per transaction by `remove_user`, so a big account never holds the write
 #: lock for long while the server runs.
 DELETE_PAGE = 2000
-
-
-class UsernameTaken(Exception):
-    """Another account already has this username (compared without case)."""
-
-
-def iso_time(epoch: float) -> str:
-    """Epoch seconds as the ISO 8601 UTC text every table stores (milliseconds, `Z`)."""
-    moment = datetime.fromtimestamp(epoch, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def epoch_time(iso: str) -> float:
-    """The inverse of `iso_time`."""
-    return datetime.fromisoformat(iso).timestamp()
-
-
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
-    """One login. Times are epoch seconds."""
-
-    id: str
-    user_id: int
-    created_at: float
-    expires_at: float
-    revoked: bool
-
-
-@dataclass(frozen=True, slots=True)
-class UserSummary:
-    """A row of `users list`."""
-
-    id: int
-    username: str
-    created_at: str
-    tasks: int
 
 
 def _session_from_row(row: sqlite3.Row) -> SessionRecord:
@@ -74,7 +37,7 @@ def _revoke_all(conn: sqlite3.Connection, user_id: int, at: str) -> list[str]:
     return [row[0] for row in rows]
 
 
-class AccountStore:
+class SQLiteAccounts:
     """Users and sessions; reads on the reader pool, writes one transaction each."""
 
     def __init__(self, db: Database) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..lifecycle import Plan, Quotas, Request, TaskWrite, plan_batch
 from ..models import TaskState, TaskStatus
+from .records import StoreUnavailable
 from .sqlite_db import Database
 
 #: Unfinished tasks whose state is cached (about 300 bytes each).
@@ -57,11 +58,6 @@ TRANSIENT_CODES = frozenset(
         sqlite3.SQLITE_NOTADB,
     }
 )
-
-
-class StoreUnavailable(Exception):
-    """The database cannot commit now (busy, full, read-only, I/O): the whole batch failed,
-    through no fault of any request in it. Callers answer 503 and may retry later."""
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -18,7 +18,7 @@ from .. import schemas
 from ..auth import HashBusy, bearer_token
 from ..errors import BadRequest, Conflict, Forbidden, TooManyRequests, Unauthorized
 from ..models import utc_now
-from ..store.sqlite_accounts import UsernameTaken
+from ..store import UsernameTaken
 from .bodies import json_object, validate
 from .guards import FORM_FIELDS_MAX, authenticate, limit_attempts, read_small_body
 from .keys import (

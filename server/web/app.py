@@ -23,9 +23,7 @@ from ..lifecycle import Quotas
 from ..limits import KeyedBuckets, UserSlots
 from ..retention import Retention
 from ..sessions import SessionService
-from ..store.sqlite import Store
-from ..store.sqlite_accounts import AccountStore
-from ..store.sqlite_db import open_database
+from ..store import open_store
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
 from . import account, api, ws
@@ -148,15 +146,22 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(request.app[config_key].static_dir / "index.html")
 
 
-def _services(config: Config, secret: str) -> Callable[[web.Application], AsyncIterator[None]]:
+def _services(
+    config: Config, secret: str | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def services(app: web.Application) -> AsyncIterator[None]:
-        db = await open_database(
-            config.db_path, config.migrations_dir, config.sqlite_synchronous, config.db_readers
+        backend = await open_store(
+            config.store_url,
+            migrations_root=config.migrations_dir.parent,
+            synchronous=config.sqlite_synchronous,
+            readers=config.db_readers,
         )
-        accounts = AccountStore(db)
+        store, accounts = backend.store, backend.accounts
         app[accounts_key] = accounts
+        # A shared store without --jwt-secret: its nodes share the one kept in it.
+        key = secret if secret is not None else await accounts.shared_secret()
         # Tokens name this database's instance id: none minted for another one passes.
-        app[tokens_key] = TokenService(secret, config.token_ttl, await accounts.instance_id())
+        app[tokens_key] = TokenService(key, config.token_ttl, await accounts.instance_id())
         sessions = SessionService(accounts, config.session_max_age)
         sessions.add_listener(_session_closer(app))
         app[sessions_key] = sessions
@@ -168,7 +173,6 @@ def _services(config: Config, secret: str) -> Callable[[web.Application], AsyncI
         )
         app[passwords_key] = passwords
         await passwords.start()
-        store = Store(db)
         tracker = Tracker(
             store,
             max_batch=config.commit_batch_max,
@@ -196,14 +200,15 @@ def _services(config: Config, secret: str) -> Callable[[web.Application], AsyncI
         tracker.add_listener(jobs.on_event)
         retention = Retention(
             store,
-            db,
             event_retention=config.event_retention,
             task_retention=config.task_retention,
             max_events_per_task=config.max_events_per_task,
             interval=config.retention_interval,
         )
         tracker.add_listener(retention.on_event)
-        app[db_key], app[store_key], app[tracker_key] = db, store, tracker
+        if backend.sqlite is not None:
+            app[db_key] = backend.sqlite  # type: ignore[assignment]
+        app[store_key], app[tracker_key] = store, tracker
         app[hub_key], app[history_key], app[jobs_key] = hub, history, jobs
         app[retention_key] = retention
         app[metrics_key].bind(
@@ -224,21 +229,24 @@ def _services(config: Config, secret: str) -> Callable[[web.Application], AsyncI
         # many are queued.
         app[resumed_jobs_key] = await store.count_unfinished(jobs.kinds)
         jobs.resume_unfinished(store)
-        sweeper = asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")
-        checkpoints = asyncio.create_task(db.run_checkpoints(), name="wal-checkpoints")
+        background = [asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")]
+        if backend.sqlite is not None:
+            background.append(
+                asyncio.create_task(backend.sqlite.run_checkpoints(), name="wal-checkpoints")
+            )
         try:
             yield
         finally:
-            sweeper.cancel()
-            checkpoints.cancel()
-            await asyncio.gather(checkpoints, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await lag.stop()
             await retention.stop()
             await sessions.stop()
             await jobs.stop()
             await tracker.stop()  # commits everything already accepted
             await history.stop()
-            await db.close()
+            await backend.close()
             passwords.close()
             log.info("server.stopped")
 
@@ -289,10 +297,14 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.max_body_bytes,
     )
     app[config_key] = config
-    app[metrics_key] = metrics = Metrics(config.db_path)
+    app[metrics_key] = metrics = Metrics()
     app.on_response_prepare.append(response_counter(metrics.requests))
     app.on_response_prepare.append(security_headers)
-    secret = config.jwt_secret or load_or_create_secret(config.secret_path)
+    # SQLite keeps a generated secret in a file beside the database; a shared store keeps
+    # it in the database, read once it is open (see services).
+    secret = config.jwt_secret
+    if secret is None and config.sqlite_path is not None:
+        secret = load_or_create_secret(config.secret_path)
     app[websockets_key] = weakref.WeakSet()
     app[task_rate_key] = KeyedBuckets(config.task_rate, config.task_burst)
     per_minute = config.task_create_rate

@@ -14,8 +14,7 @@ from ..jobs import JobRunner
 from ..limits import KeyedBuckets, UserSlots
 from ..retention import Retention
 from ..sessions import SessionService
-from ..store.sqlite import Store
-from ..store.sqlite_accounts import AccountStore
+from ..store import Accounts, Store
 from ..store.sqlite_db import Database
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
@@ -44,7 +43,7 @@ admission_key = web.AppKey("admission", Admission)
 #: Built-in jobs resumed at start (for the server.ready line).
 resumed_jobs_key = web.AppKey("resumed_jobs", int)
 #: Users and sessions in SQLite (same database as store_key).
-accounts_key = web.AppKey("accounts", AccountStore)
+accounts_key = web.AppKey("accounts", Accounts)
 sessions_key = web.AppKey("sessions", SessionService)
 #: Password hashing on its own bounded threads.
 passwords_key = web.AppKey("passwords", Passwords)

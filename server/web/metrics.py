@@ -18,7 +18,6 @@ import sqlite3
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
@@ -40,7 +39,7 @@ from ..jobs import JobRunner
 from ..models import TaskStatus
 from ..refusals import LogLimiter, Refusals
 from ..stats import ConnectionStats, Histogram, RequestStats
-from ..store.sqlite import Store
+from ..store import Store
 from ..tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
 class Metrics:
     """One app's registry, its plain counters, and what the collector reads at scrape time."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         #: Bumped by the HTTP middlewares.
         self.requests = RequestStats()
@@ -112,7 +111,6 @@ class Metrics:
         self.auth_log = LogLimiter()
         #: Shared by every WebSocket connection of the app.
         self.connections = ConnectionStats()
-        self._db_path = db_path
         # Set by `bind` once the services have started.
         self.store: Store | None = None
         self.tracker: Tracker | None = None
@@ -154,13 +152,13 @@ class Metrics:
 
     async def refresh(self) -> None:
         """Read what collect() must not: task counts (when stale) and file sizes."""
-        self.db_bytes = {}
-        for name, path in (("db", self._db_path), ("wal", Path(f"{self._db_path}-wal"))):
-            try:
-                self.db_bytes[name] = path.stat().st_size
-            except OSError:
-                pass
         tracker = self.tracker
+        if self.store is not None:
+            try:
+                self.db_bytes = await self.store.size_bytes()
+            except Exception as exc:  # the store is down: report the rest
+                log.warning("metrics.size_failed error=%s", type(exc).__name__)
+                self.db_bytes = {}
         if self.store is None or tracker is None:
             return
         fresh = time.monotonic() - self._counted_at < TASK_COUNTS_MAX_AGE

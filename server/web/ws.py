@@ -31,7 +31,7 @@ from ..hub import Hub, Subscription
 from ..limits import FLOOD_WINDOW, MessageLimiter, Verdict
 from ..models import Task
 from ..schemas import WsQuery
-from ..store.sqlite import Store
+from ..store import Store
 from .connection import Connection
 from .guards import authenticate
 from .keys import (
