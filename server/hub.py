@@ -1,9 +1,18 @@
-"""The connection hub: who is connected, who watches which task, and fan-out of events.
+"""The connection hub: this node's registry of open connections, who watches which task,
+and fan-out of events.
 
-The hub knows peers only through the small `Peer` interface (push a ready-made text
-message, ping, drop), never HTTP or a socket. Nothing here awaits: `publish` puts one
-pre-serialised message into each subscriber's own bounded outbox and returns, so a slow or
-dead subscriber cannot delay the others; a peer whose outbox overflows drops itself.
+The hub is the one place that knows which connections are open: the per-user connection
+limit (`reserve` before the upgrade, `connect` after), shutdown, session revocation and
+metrics all ask it. It knows peers only through the small `Peer` interface (push a
+ready-made text message, ping, drop), never HTTP or a socket. Nothing here awaits:
+`deliver` puts one pre-serialised message into each subscriber's own bounded outbox and
+returns, so a slow or dead subscriber cannot delay the others; a peer whose outbox
+overflows drops itself.
+
+Each subscription checks seqs: a repeat is dropped, and a seq beyond the next one (an
+event this node never got, e.g. lost by the broker) puts the subscription back to
+buffering and calls `on_gap`, whose owner (relay.py) reads the missing events from the
+store and lets it go live again: the same merge as a subscribe with `last_seq`.
 """
 
 from __future__ import annotations
@@ -29,6 +38,12 @@ class Peer(Protocol):
 
     def push(self, data: str) -> None:
         """Queue a text message; never blocks (an overflowing peer drops itself)."""
+
+    async def wait_for_room(self) -> None:
+        """Wait until the peer has taken enough of what was sent (paces replays)."""
+
+    def close(self, code: int, reason: str, notice: str | None = None) -> None:
+        """Close after what is queued (with `notice` first, if any)."""
 
     def ping(self) -> None:
         """Queue a protocol-level ping."""
@@ -60,9 +75,18 @@ class Subscription:
         "overflows",
         "max_messages",
         "max_bytes",
+        "on_gap",
+        "gaps",
     )
 
-    def __init__(self, peer: Peer, task_id: str, max_messages: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        task_id: str,
+        max_messages: int,
+        max_bytes: int,
+        on_gap: Callable[[Subscription], None] | None = None,
+    ) -> None:
         self.peer = peer
         self.task_id = task_id
         self.last_seq = 0
@@ -73,6 +97,15 @@ class Subscription:
         self.overflows = 0
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        #: Called when an event arrives beyond the next seq (None: the caller has no store
+        #: to repair from, e.g. tests; the event is then delivered anyway).
+        self.on_gap = on_gap
+        #: Gaps seen (each repaired from the store).
+        self.gaps = 0
+
+    @property
+    def buffering(self) -> bool:
+        return self.buffer is not None
 
     def deliver(self, seq: int, data: str) -> None:
         if self.buffer is not None:
@@ -83,9 +116,16 @@ class Subscription:
                 self.overflows += 1
             self.buffer.append((seq, data))
             self.buffered_bytes += size
-        elif seq > self.last_seq:
+        elif seq == self.last_seq + 1 or (seq > self.last_seq and self.on_gap is None):
             self.last_seq = seq
             self.peer.push(data)
+        elif seq > self.last_seq:
+            # Missed seqs in between: hold this one and have them read from the store.
+            self.gaps += 1
+            self.buffer = [(seq, data)]
+            self.buffered_bytes = len(data.encode())
+            self.overflows = 0
+            self.on_gap(self)
 
 
 class Hub:
@@ -100,6 +140,10 @@ class Hub:
         #: Bounds of the live-event buffer a replaying subscription holds.
         self._buffer_messages = buffer_messages
         self._buffer_bytes = buffer_bytes
+        #: Called with a subscription that saw a gap (set by the relay; None: no repair).
+        self.on_gap: Callable[[Subscription], None] | None = None
+        #: Handshakes that passed the per-user limit and have not connected yet, by user.
+        self._reserved: dict[int, int] = {}
         #: Every live peer, by id.
         self._peers: dict[str, Peer] = {}
         #: Peer ids by user id.
@@ -117,7 +161,30 @@ class Hub:
 
     # -- registry ------------------------------------------------------------------------
 
+    def reserve(self, user_id: int, limit: int) -> bool:
+        """Hold a place for a handshake of `user_id` under `limit` connections (0: none).
+
+        Taken before the upgrade, with no await since the check, and turned into the
+        connection by `connect` (or given back by `cancel_reservation`): concurrent
+        handshakes of one user cannot all slip under the limit.
+        """
+        held = len(self._by_user.get(user_id, ())) + self._reserved.get(user_id, 0)
+        if limit and held >= limit:
+            return False
+        self._reserved[user_id] = self._reserved.get(user_id, 0) + 1
+        return True
+
+    def cancel_reservation(self, user_id: int) -> None:
+        left = self._reserved.get(user_id, 0) - 1
+        if left > 0:
+            self._reserved[user_id] = left
+        else:
+            self._reserved.pop(user_id, None)
+
     def connect(self, peer: Peer) -> None:
+        """Register an open connection (turning its user's reservation, if any, into it)."""
+        if self._reserved.get(peer.user_id):
+            self.cancel_reservation(peer.user_id)
         self._peers[peer.id] = peer
         self._by_user.setdefault(peer.user_id, set()).add(peer.id)
         self._by_peer[peer.id] = {}
@@ -160,7 +227,9 @@ class Hub:
 
     def subscribe(self, peer: Peer, task_id: str) -> Subscription:
         """Subscribe (or re-subscribe) in buffering mode; call `go_live` after the replay."""
-        sub = Subscription(peer, task_id, self._buffer_messages, self._buffer_bytes)
+        sub = Subscription(
+            peer, task_id, self._buffer_messages, self._buffer_bytes, on_gap=self.on_gap
+        )
         self._by_task.setdefault(task_id, {})[peer.id] = sub
         self._by_peer.setdefault(peer.id, {})[task_id] = sub
         return sub
@@ -212,16 +281,23 @@ class Hub:
     # -- sending -------------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
-        """Fan a committed event out to the task's subscribers (a tracker listener)."""
-        watchers = self._by_task.get(event.task_id)
+        """Fan a committed event out to the task's subscribers, encoding it once."""
+        if event.task_id in self._by_task:
+            self.deliver(event.task_id, event.seq, self._encode(event))
+
+    def deliver(self, task_id: str, seq: int, data: str) -> None:
+        """Fan an event's wire text out to the task's subscribers (the relay calls this)."""
+        watchers = self._by_task.get(task_id)
         if not watchers:
             return
-        data = self._encode(event)  # once, whatever the number of subscribers
         self.events_published += 1
         self.messages_pushed += len(watchers)
         # Copy: a peer that overflows drops itself, which may change the dict.
         for sub in list(watchers.values()):
-            sub.deliver(event.seq, data)
+            sub.deliver(seq, data)
+
+    def subscriptions_to(self, task_id: str) -> list[Subscription]:
+        return list(self._by_task.get(task_id, {}).values())
 
     def send_personal(self, peer_id: str, data: str) -> bool:
         peer = self._peers.get(peer_id)

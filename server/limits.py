@@ -7,7 +7,6 @@ Callers pass the time (any monotonic clock, in seconds), so tests drive these wi
   keeps sending into an empty bucket (a flood), so the caller can close it.
 - `KeyedBuckets`: one bucket per key (a user's task), forgetting buckets that are full again,
   so memory follows the number of recently active keys.
-- `UserSlots`: open connections per user, counted from before the upgrade to the disconnect.
 """
 
 from __future__ import annotations
@@ -137,36 +136,3 @@ class KeyedBuckets:
         for key in [k for k, b in self._buckets.items() if b.is_full(now)]:
             del self._buckets[key]
         self._next_sweep = now + self._sweep_every
-
-
-class UserSlots:
-    """Open WebSocket connections per user, with at most `limit` each (0: no limit).
-
-    A slot is taken before the upgrade and given back when the connection is gone, so
-    concurrent handshakes of one user cannot all pass a check made before any of them
-    registered (there is no await between the check and the taking).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        #: user id -> slots held (absent: none).
-        self._held: dict[int, int] = {}
-
-    def acquire(self, user_id: int) -> bool:
-        """Take a slot for `user_id`; False (nothing taken) if the user has all of theirs."""
-        held = self._held.get(user_id, 0)
-        if self.limit > 0 and held >= self.limit:
-            return False
-        self._held[user_id] = held + 1
-        return True
-
-    def release(self, user_id: int) -> None:
-        """Give back a slot taken by `acquire`."""
-        held = self._held.get(user_id, 0) - 1
-        if held > 0:
-            self._held[user_id] = held
-        else:
-            self._held.pop(user_id, None)
-
-    def held(self, user_id: int) -> int:
-        return self._held.get(user_id, 0)

@@ -1,6 +1,7 @@
 """Retention: deletes old history in small transactions and keeps the SQLite file compact.
 
-Every `interval` seconds one run applies three rules, oldest data first:
+Every `interval` seconds one run (on one node at a time: the store's `exclusive` lock) applies
+three rules, oldest data first:
 
 1. a finished task older than `task_retention` (by its finished_at) is deleted with its
    events and subscription rows: GET answers 404 from then on;
@@ -188,7 +189,10 @@ class Retention:
             if self._stopping:
                 return
             try:
-                await self.run_once()
+                # One node at a time: on a shared store the others skip this interval.
+                async with self._store.exclusive("retention") as mine:
+                    if mine:
+                        await self.run_once()
             except _Stopped:
                 return
             except Exception:  # a bad run must not end retention for the process's life

@@ -20,8 +20,10 @@ FLUSH_INTERVAL = 0.5
 
 
 class SubscriptionHistory:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, node_id: str = "") -> None:
         self._store = store
+        #: Recorded with each row; at start this node closes the rows it left open.
+        self._node_id = node_id
         self._opened: list[tuple[str, int, str, str]] = []
         self._closed: list[tuple[str, str, str]] = []
         self._task: asyncio.Task[None] | None = None
@@ -33,7 +35,7 @@ class SubscriptionHistory:
         self._closed.append((connection_id, task_id, utc_now()))
 
     async def start(self) -> None:
-        await self._store.close_open_subscriptions(utc_now())
+        await self._store.close_open_subscriptions(utc_now(), self._node_id)
         self._task = asyncio.create_task(self._run(), name="subscription-history")
 
     async def stop(self) -> None:
@@ -49,7 +51,7 @@ class SubscriptionHistory:
         opened, self._opened = self._opened, []
         closed, self._closed = self._closed, []
         try:
-            await self._store.record_subscriptions(opened, closed)
+            await self._store.record_subscriptions(opened, closed, self._node_id)
         except Exception as exc:
             log.error(
                 "history.flush_failed opened=%d closed=%d error=%r", len(opened), len(closed), exc

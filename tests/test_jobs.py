@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from server.store.sqlite_writes import TaskWriter
-from server.web.keys import jobs_key, store_key, tracker_key
+from server.web.keys import jobs_key, tracker_key
 
 from .helpers import auth_headers, eventually, register
 
@@ -133,7 +133,7 @@ async def test_resumed_jobs_respect_the_running_limits(aiohttp_client, make_app)
     for _ in range(5):  # as if left unfinished by an earlier run
         await tracker.create_task(1, "stock_analysis", '{"code":"AAPL"}')
     jobs = client.app[jobs_key]
-    jobs.resume_unfinished(client.app[store_key])
+    jobs.rescan()
     await eventually(lambda: _all_queued(jobs))
     assert jobs.running_count == 2
     await jobs.wait_idle()

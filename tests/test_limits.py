@@ -22,10 +22,9 @@ from server.limits import (
     KeyedBuckets,
     MessageLimiter,
     TokenBucket,
-    UserSlots,
     Verdict,
 )
-from server.web.keys import hub_key, ws_slots_key
+from server.web.keys import hub_key
 
 from .helpers import (
     auth_headers,
@@ -200,27 +199,20 @@ def test_keyed_buckets_hard_bound() -> None:
     assert buckets.take(999, clock.now) > 0  # recent keys are still limited
 
 
-# -- UserSlots -----------------------------------------------------------------------------
+# -- per-user reservations in the hub ------------------------------------------------------
 
 
-def test_user_slots_limit_per_user() -> None:
-    """At most `limit` slots per user; a released slot can be taken again."""
-    slots = UserSlots(2)
-    assert [slots.acquire(1) for _ in range(3)] == [True, True, False]
-    assert slots.acquire(2)
-    slots.release(1)
-    assert slots.held(1) == 1
-    assert slots.acquire(1)
-    for _ in range(2):
-        slots.release(1)
-    slots.release(2)
-    assert (slots.held(1), slots.held(2)) == (0, 0)
+def test_hub_reservations_limit_per_user() -> None:
+    """At most `limit` places per user (reserved or connected); a cancelled one is free
+    again; 0 is no limit."""
+    from server.hub import Hub
 
-
-def test_user_slots_zero_is_unlimited() -> None:
-    """limit 0: every acquire succeeds."""
-    slots = UserSlots(0)
-    assert all(slots.acquire(7) for _ in range(500))
+    hub = Hub(encode=str)
+    assert [hub.reserve(1, 2) for _ in range(3)] == [True, True, False]
+    assert hub.reserve(2, 2)
+    hub.cancel_reservation(1)
+    assert hub.reserve(1, 2)
+    assert all(hub.reserve(7, 0) for _ in range(500))
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -390,7 +382,6 @@ async def test_max_connections_per_user_refuses_the_new_one_with_429(aiohttp_cli
     assert "2" in error["message"]
     retry_after(resp.headers)
     assert hub.connection_count == 2
-    assert client.app[ws_slots_key].held(hub.peers()[0].user_id) == 2
     # The oldest is not dropped.
     await assert_pong(first)
     await assert_pong(second)

@@ -9,7 +9,9 @@ async def test_healthz(client):
     """/healthz answers 200 once the app has started."""
     resp = await client.get("/healthz")
     assert resp.status == 200
-    assert (await resp.json()) == {"status": "ok"}
+    body = await resp.json()
+    assert (body["status"], body["store"], body["broker"]) == ("ok", "ok", "ok")
+    assert body["node"]
 
 
 async def test_subscribe_and_progress_roundtrip(client):

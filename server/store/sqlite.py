@@ -100,6 +100,9 @@ async def open_sqlite(path: Path, migrations_dir: Path, synchronous: str, reader
     from .sqlite_accounts import SQLiteAccounts
 
     db = await open_database(path, migrations_dir, synchronous, readers)
+    # One process uses the file (its lock file sees to it): leases left by the previous
+    # run are stale, and its jobs resume at once rather than when those leases expire.
+    await db.execute("DELETE FROM job_leases")
     return Backend(
         kind="sqlite",
         store=SQLiteStore(db),

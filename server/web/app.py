@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp_cors
@@ -14,16 +13,19 @@ from aiohttp import web
 from .. import protocol
 from ..admission import Admission, LoopLag
 from ..auth import LoginThrottle, Passwords, TokenService, load_or_create_secret
+from ..broker import open_broker
 from ..config import Config
 from ..errors import ApiError
 from ..hub import Hub
 from ..jobs import JobRunner
 from ..jobs.prices import SyntheticPriceProvider
 from ..lifecycle import Quotas
-from ..limits import KeyedBuckets, UserSlots
+from ..limits import KeyedBuckets
+from ..relay import CHECK_INTERVAL, Relay
+from ..replay import Replayer
 from ..retention import Retention
 from ..sessions import SessionService
-from ..store import open_store
+from ..store import StoreUnavailable, open_store
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
 from . import account, api, ws
@@ -32,6 +34,7 @@ from .keys import (
     accounts_key,
     admission_key,
     auth_rate_key,
+    broker_key,
     config_key,
     create_rate_key,
     db_key,
@@ -41,6 +44,8 @@ from .keys import (
     login_throttle_key,
     metrics_key,
     passwords_key,
+    relay_key,
+    replayer_key,
     resumed_jobs_key,
     retention_key,
     sessions_key,
@@ -49,14 +54,15 @@ from .keys import (
     tokens_key,
     tracker_key,
     trusted_proxies_key,
-    websockets_key,
-    ws_slots_key,
 )
 from .logs import log_path
 from .metrics import Metrics, metrics_handler, response_counter
 from .middleware import request_deadline, security_headers
 
 log = logging.getLogger(__name__)
+
+#: Seconds /healthz waits for the store before calling it down.
+HEALTH_TIMEOUT = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,6 +100,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every error leaves as {"error": {"code", "message", "fields"}}: no HTML, no traceback."""
     try:
         return await handler(request)
+    except StoreUnavailable:
+        return _error_response(
+            503,
+            "unavailable",
+            "the database cannot be reached right now; nothing was stored",
+            headers={"Retry-After": "1"},
+        )
     except ApiError as exc:
         if exc.status in (401, 403):
             _auth_failed(request, exc)
@@ -138,8 +151,26 @@ def _auth_failed(request: web.Request, exc: ApiError) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 once the server accepts work (the database is open and migrated)."""
-    return web.json_response({"status": "ok"})
+    """Each dependency's state; 200 while the node can serve (the store answers), else 503.
+
+    A broker that is down does not stop a node from serving: it commits, serves its own
+    subscribers, and the others catch up from the store.
+    """
+    app = request.app
+    store_ok = True
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            await app[store_key].ping()
+    except (StoreUnavailable, TimeoutError, OSError):
+        store_ok = False
+    broker = app[broker_key]
+    body = {
+        "status": "ok" if store_ok else "unavailable",
+        "store": "ok" if store_ok else "down",
+        "broker": "ok" if broker.healthy else "down",
+        "node": app[relay_key].node_id,
+    }
+    return web.json_response(body, status=200 if store_ok else 503)
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -188,16 +219,30 @@ def _services(
             buffer_messages=config.send_queue_messages,
             buffer_bytes=config.send_queue_bytes,
         )
-        history = SubscriptionHistory(store)
+        replayer = Replayer(store, hub)
+        node = config.node
+        broker = await open_broker(config.broker, node)
+        # One process (memory://) loses nothing on the way: no periodic gap check there.
+        relay = Relay(
+            node,
+            broker,
+            hub,
+            replayer,
+            store,
+            check_interval=None if broker.kind == "memory" else CHECK_INTERVAL,
+        )
+        tracker.add_listener(relay.committed)
+        history = SubscriptionHistory(store, node)
         jobs = JobRunner(
             tracker,
             SyntheticPriceProvider(),
             config.job_step_delay,
+            store=store,
+            node_id=node,
             max_running=config.max_running_jobs,
             max_per_user=config.max_running_jobs_per_user,
         )
-        tracker.add_listener(hub.publish)
-        tracker.add_listener(jobs.on_event)
+        relay.add_listener(jobs.on_event)
         retention = Retention(
             store,
             event_retention=config.event_retention,
@@ -205,18 +250,20 @@ def _services(
             max_events_per_task=config.max_events_per_task,
             interval=config.retention_interval,
         )
-        tracker.add_listener(retention.on_event)
+        relay.add_listener(retention.on_event)
         if backend.sqlite is not None:
             app[db_key] = backend.sqlite  # type: ignore[assignment]
         app[store_key], app[tracker_key] = store, tracker
         app[hub_key], app[history_key], app[jobs_key] = hub, history, jobs
-        app[retention_key] = retention
+        app[retention_key], app[broker_key], app[relay_key] = retention, broker, relay
+        app[replayer_key] = replayer
         app[metrics_key].bind(
             store=store,
             tracker=tracker,
             hub=hub,
             jobs=jobs,
-            sockets=app[websockets_key],
+            broker=broker,
+            relay=relay,
             loop_lag=app[admission_key].lag.histogram,
         )
         tracker.start()
@@ -224,16 +271,18 @@ def _services(
         lag.start()
         await history.start()
         retention.start()
-        sessions.start(lambda: {conn.session_id for conn in app[websockets_key]})
+        sessions.start(lambda: {getattr(peer, "session_id", None) for peer in hub.peers()})
+        await relay.start()
         # Resumed gradually in the background; server.ready (serve.py, once bound) says how
         # many are queued.
         app[resumed_jobs_key] = await store.count_unfinished(jobs.kinds)
-        jobs.resume_unfinished(store)
+        jobs.resume_unfinished()
         background = [asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")]
         if backend.sqlite is not None:
             background.append(
                 asyncio.create_task(backend.sqlite.run_checkpoints(), name="wal-checkpoints")
             )
+        log.info("server.node node=%s store=%s broker=%s", node, backend.kind, broker.kind)
         try:
             yield
         finally:
@@ -245,6 +294,7 @@ def _services(
             await sessions.stop()
             await jobs.stop()
             await tracker.stop()  # commits everything already accepted
+            await relay.stop()  # and publishes it
             await history.stop()
             await backend.close()
             passwords.close()
@@ -257,8 +307,8 @@ def _session_closer(app: web.Application) -> Callable[[set[str]], None]:
     """Close the WebSockets of sessions that ended (logout, password change) with 4401."""
 
     def close(ended: set[str]) -> None:
-        for conn in list(app[websockets_key]):
-            if conn.session_id in ended:
+        for conn in app[hub_key].peers():
+            if getattr(conn, "session_id", None) in ended:
                 conn.close(protocol.CLOSE_TOKEN_EXPIRED, "session ended", None)
 
     return close
@@ -275,7 +325,7 @@ async def _heartbeat_loop(hub: Hub, config: Config) -> None:
 
 async def _close_websockets(app: web.Application) -> None:
     """Shutdown: tell every client, close with 1001, and drop whoever does not go in time."""
-    conns = list(app[websockets_key])
+    conns = app[hub_key].peers() if hub_key in app else []
     if not conns:
         return
     notice = protocol.notice_message(
@@ -305,11 +355,9 @@ def create_app(config: Config) -> web.Application:
     secret = config.jwt_secret
     if secret is None and config.sqlite_path is not None:
         secret = load_or_create_secret(config.secret_path)
-    app[websockets_key] = weakref.WeakSet()
     app[task_rate_key] = KeyedBuckets(config.task_rate, config.task_burst)
     per_minute = config.task_create_rate
     app[create_rate_key] = KeyedBuckets(per_minute / 60, max(1, math.ceil(per_minute / 10)))
-    app[ws_slots_key] = UserSlots(config.max_connections_per_user)
     app[admission_key] = Admission(LoopLag(), config.shed_lag, config.max_connections)
     # --auth-rate per minute, bursts of as many: a login page's retries pass, a script's don't.
     app[auth_rate_key] = KeyedBuckets(config.auth_rate / 60, max(1, math.ceil(config.auth_rate)))

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import weakref
-
 from aiohttp import web
 
 from ..admission import Admission
 from ..auth import LoginThrottle, Passwords, TokenService
+from ..broker import Broker
 from ..config import Config
 from ..hub import Hub
 from ..jobs import JobRunner
-from ..limits import KeyedBuckets, UserSlots
+from ..limits import KeyedBuckets
+from ..relay import Relay
+from ..replay import Replayer
 from ..retention import Retention
 from ..sessions import SessionService
 from ..store import Accounts, Store
 from ..store.sqlite_db import Database
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
-from .connection import Connection
 from .metrics import Metrics
 
 config_key = web.AppKey("config", Config)
+#: The SQLite database (SQLite stores only: tests and the SQLite-only tools).
 db_key = web.AppKey("db", Database)
 store_key = web.AppKey("store", Store)
 tracker_key = web.AppKey("tracker", Tracker)
@@ -32,17 +33,14 @@ jobs_key = web.AppKey("jobs", JobRunner)
 retention_key = web.AppKey("retention", Retention)
 #: The app's Prometheus registry and the plain counters behind it.
 metrics_key = web.AppKey("metrics", Metrics)
-websockets_key = web.AppKey("websockets", weakref.WeakSet[Connection])
 #: Progress posts per (user, task): the --task-rate limit.
 task_rate_key = web.AppKey("task_rate", KeyedBuckets)
 #: Task creations per user: the --task-create-rate limit (per minute, as a token bucket).
 create_rate_key = web.AppKey("create_rate", KeyedBuckets)
-#: Open WebSocket connections per user: the --max-connections-per-user limit.
-ws_slots_key = web.AppKey("ws_slots", UserSlots)
 admission_key = web.AppKey("admission", Admission)
 #: Built-in jobs resumed at start (for the server.ready line).
 resumed_jobs_key = web.AppKey("resumed_jobs", int)
-#: Users and sessions in SQLite (same database as store_key).
+#: Users and sessions (same database as store_key).
 accounts_key = web.AppKey("accounts", Accounts)
 sessions_key = web.AppKey("sessions", SessionService)
 #: Password hashing on its own bounded threads.
@@ -53,3 +51,8 @@ auth_rate_key = web.AppKey("auth_rate", KeyedBuckets)
 login_throttle_key = web.AppKey("login_throttle", LoginThrottle)
 #: --trusted-proxies, parsed (see guards.client_address).
 trusted_proxies_key = web.AppKey("trusted_proxies", tuple)
+#: Fan-out to other nodes (memory:// for one process).
+broker_key = web.AppKey("broker", Broker)
+#: Committed events to this node's subscribers and job runner, with gap repair.
+relay_key = web.AppKey("relay", Relay)
+replayer_key = web.AppKey("replayer", Replayer)

@@ -16,7 +16,6 @@ import hmac
 import logging
 import sqlite3
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Protocol
 
@@ -33,11 +32,13 @@ from prometheus_client.utils import floatToGoString
 
 from .. import protocol
 from ..auth import bearer_token
+from ..broker import Broker
 from ..errors import Unauthorized
 from ..hub import Hub
 from ..jobs import JobRunner
 from ..models import TaskStatus
 from ..refusals import LogLimiter, Refusals
+from ..relay import Relay
 from ..stats import ConnectionStats, Histogram, RequestStats
 from ..store import Store
 from ..tracker import Tracker
@@ -68,11 +69,6 @@ AUTH_FAILURE_REASONS = (
     "token_expired",
 )
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-
-
-class _Backlog(Protocol):
-    @property
-    def backlog_bytes(self) -> int: ...
 
 
 class _Listener(Protocol):
@@ -116,7 +112,8 @@ class Metrics:
         self.tracker: Tracker | None = None
         self.hub: Hub | None = None
         self.jobs: JobRunner | None = None
-        self.sockets: weakref.WeakSet[_Backlog] | None = None
+        self.broker: Broker | None = None
+        self.relay: Relay | None = None
         #: Lateness of the event loop's probes (admission.LoopLag).
         self.loop_lag: Histogram | None = None
         #: The listening sockets' connection count (set by serve.py; not in test servers).
@@ -140,11 +137,12 @@ class Metrics:
         tracker: Tracker,
         hub: Hub,
         jobs: JobRunner,
-        sockets: weakref.WeakSet[_Backlog],
+        broker: Broker | None = None,
+        relay: Relay | None = None,
         loop_lag: Histogram | None = None,
     ) -> None:
         self.store, self.tracker, self.hub, self.jobs = store, tracker, hub, jobs
-        self.sockets = sockets
+        self.broker, self.relay = broker, relay
         self.loop_lag = loop_lag
 
     def bind_listener(self, listener: _Listener) -> None:
@@ -213,6 +211,20 @@ class ProgressCollector:
         yield from self._connections(m.connections)
         if m.hub is not None:
             yield from self._hub(m.hub)
+        if m.broker is not None:
+            yield from self._broker(m.broker)
+        if m.relay is not None:
+            yield CounterMetricFamily(
+                "progress_gaps_repaired",
+                "Subscriptions that missed events on the way (broker) and were caught up"
+                " from the store.",
+                value=m.relay.gaps_repaired,
+            )
+            yield CounterMetricFamily(
+                "progress_gap_repair_failures",
+                "Catch-ups that failed (the store unreachable) and were tried again.",
+                value=m.relay.repair_failures,
+            )
         if m.tracker is not None:
             yield from self._tracker(m.tracker)
         if m.store is not None:
@@ -226,16 +238,26 @@ class ProgressCollector:
             yield GaugeMetricFamily(
                 "progress_jobs_running", "Built-in jobs running.", value=m.jobs.running_count
             )
+            yield CounterMetricFamily(
+                "progress_job_lease_takeovers",
+                "Jobs taken over from a node whose lease expired (it died or stalled).",
+                value=m.jobs.takeovers,
+            )
+            yield CounterMetricFamily(
+                "progress_job_leases_lost",
+                "Jobs this node stopped because another node took their lease.",
+                value=m.jobs.leases_lost,
+            )
             yield GaugeMetricFamily(
                 "progress_jobs_waiting",
                 "Built-in jobs waiting for a slot (their tasks are pending).",
                 value=m.jobs.waiting_count,
             )
-        if m.sockets is not None:
+        if m.hub is not None:
             yield GaugeMetricFamily(
                 "progress_ws_backlog_bytes",
                 "Bytes waiting to be sent to WebSocket clients (outboxes + socket buffers).",
-                value=sum(c.backlog_bytes for c in list(m.sockets)),
+                value=sum(getattr(p, "backlog_bytes", 0) for p in m.hub.peers()),
             )
         if m.loop_lag is not None:
             yield _histogram(
@@ -343,6 +365,36 @@ class ProgressCollector:
             "progress_fanout_messages",
             "Event messages queued for subscribers (one per subscriber per event).",
             value=hub.messages_pushed,
+        )
+
+    @staticmethod
+    def _broker(broker: Broker) -> Iterator[Metric]:
+        stats = broker.stats
+        yield GaugeMetricFamily(
+            "progress_broker_up", "1 while the broker is reachable.", value=int(broker.healthy)
+        )
+        yield CounterMetricFamily(
+            "progress_broker_published", "Events published to other nodes.", value=stats.published
+        )
+        yield CounterMetricFamily(
+            "progress_broker_received",
+            "Events received from other nodes.",
+            value=stats.received,
+        )
+        yield CounterMetricFamily(
+            "progress_broker_dropped",
+            "Events not published (broker down or queue full); other nodes repair them.",
+            value=stats.dropped,
+        )
+        yield CounterMetricFamily(
+            "progress_broker_reconnects",
+            "Times the broker was lost and found.",
+            value=stats.reconnects,
+        )
+        yield _histogram(
+            "progress_broker_publish_lag_seconds",
+            "Seconds from commit to the broker's acknowledgement of the publish.",
+            stats.publish_lag,
         )
 
     @staticmethod

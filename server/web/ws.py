@@ -19,6 +19,7 @@ from marshmallow import ValidationError
 
 from .. import protocol
 from ..auth import Identity
+from ..config import Config
 from ..errors import (
     ApiError,
     BadRequest,
@@ -27,11 +28,13 @@ from ..errors import (
     TooManyRequests,
     Unavailable,
 )
-from ..hub import Hub, Subscription
+from ..hub import Hub
 from ..limits import FLOOD_WINDOW, MessageLimiter, Verdict
 from ..models import Task
+from ..replay import Replayer
 from ..schemas import WsQuery
 from ..store import Store
+from ..subscription_log import SubscriptionHistory
 from .connection import Connection
 from .guards import authenticate
 from .keys import (
@@ -40,16 +43,12 @@ from .keys import (
     history_key,
     hub_key,
     metrics_key,
+    replayer_key,
     store_key,
-    websockets_key,
-    ws_slots_key,
 )
 
 log = logging.getLogger(__name__)
 
-#: Events read per query during a replay, at most, and bytes, about.
-REPLAY_PAGE = 500
-REPLAY_PAGE_BYTES = 256 * 1024
 #: Retry-After (seconds) of a handshake refused for --max-connections-per-user.
 RETRY_CONNECT_AFTER = 5
 
@@ -109,18 +108,21 @@ async def _serve(
         if task is None or task.user_id != identity.user_id:
             raise NotFound("task not found")
     config = request.app[config_key]
-    # The slot is taken here, with no await since the check, and held until the socket is
-    # gone: concurrent handshakes of one user cannot all slip under the limit.
-    slots = request.app[ws_slots_key]
-    if not slots.acquire(identity.user_id):
+    hub = request.app[hub_key]
+    # The place is held from here, with no await since the check, until the socket is
+    # registered (then the hub counts it): concurrent handshakes of one user cannot all
+    # slip under the limit.
+    limit = config.max_connections_per_user
+    if not hub.reserve(identity.user_id, limit):
         request.app[metrics_key].refusals.note(
-            "ws_too_many_connections", f"user={identity.user_id} limit={slots.limit}"
+            "ws_too_many_connections", f"user={identity.user_id} limit={limit}"
         )
         raise TooManyRequests(
-            f"at most {slots.limit} open WebSocket connections per user; close one first",
+            f"at most {limit} open WebSocket connections per user on this node; close one first",
             code="too_many_connections",
             headers={"Retry-After": str(RETRY_CONNECT_AFTER)},
         )
+    connected = False
     try:
         # compress=False: frames are written pre-built (connection.text_frame), and tiny
         # JSON messages are not worth deflating anyway.
@@ -138,10 +140,22 @@ async def _serve(
             max_bytes=config.send_queue_bytes,
             stats=request.app[metrics_key].connections,
         )
-        session = Session(request.app, conn, ws, default_task=task_id)
+        app = request.app
+        session = Session(
+            conn,
+            ws,
+            hub=hub,
+            store=store,
+            replayer=app[replayer_key],
+            history=app[history_key],
+            config=config,
+            default_task=task_id,
+        )
+        connected = True  # Session.run registers it with the hub at once
         return await session.run(identity, last_seq)
     finally:
-        slots.release(identity.user_id)
+        if not connected:
+            hub.cancel_reservation(identity.user_id)
 
 
 def _admit(request: web.Request) -> None:
@@ -167,19 +181,23 @@ class Session:
 
     def __init__(
         self,
-        app: web.Application,
         conn: Connection,
         ws: web.WebSocketResponse,
+        *,
+        hub: Hub,
+        store: Store,
+        replayer: Replayer,
+        history: SubscriptionHistory,
+        config: Config,
         default_task: str | None,
     ) -> None:
-        self._app = app
         self._conn = conn
         self._ws = ws
-        self._hub: Hub = app[hub_key]
-        self._store: Store = app[store_key]
-        self._history = app[history_key]
+        self._hub = hub
+        self._store = store
+        self._replayer = replayer
+        self._history = history
         self._default_task = default_task
-        config = app[config_key]
         #: --ws-rate: this connection's message bucket (None: no limit).
         self._limiter = (
             MessageLimiter(config.ws_rate, config.ws_burst, config.ws_flood_limit, conn.last_seen)
@@ -195,7 +213,6 @@ class Session:
         conn, ws, hub = self._conn, self._ws, self._hub
         loop = asyncio.get_running_loop()
         hub.connect(conn)
-        self._app[websockets_key].add(conn)
         conn.stats.opened += 1
         opened_at = loop.time()
         log.info("ws.connect conn=%s user=%s", conn.id, conn.user_id)
@@ -236,7 +253,6 @@ class Session:
         finally:
             expiry.cancel()
             watched = hub.disconnect(conn)
-            self._app[websockets_key].discard(conn)
             for task_id in watched:
                 self._history.closed(conn.id, task_id)
             try:
@@ -356,7 +372,9 @@ class Session:
                 self._history.opened(conn.id, conn.user_id, task_id)
                 recorded = True
             log.info("ws.subscribe conn=%s task=%s last_seq=%s", conn.id, task_id, last_seq)
-            delivered = await self._replay(task, last_seq, msg_id, sub)
+            delivered = await self._replayer.replay(
+                sub, task, last_seq, msg_id, charge=self._charge_page
+            )
         except BaseException:
             # Whatever failed (a read, the client going away, a bug), the subscription must
             # not stay behind in buffering mode, holding every later event of the task.
@@ -365,55 +383,8 @@ class Session:
             raise
         hub.go_live(sub, delivered)
 
-    async def _replay(
-        self, task: Task, last_seq: int | None, msg_id: Any, sub: Subscription
-    ) -> int:
-        """Send what the subscriber is missing; returns the last seq it has been given."""
-        conn = self._conn
-        if last_seq is None:
-            conn.push(protocol.snapshot_message(task, msg_id))
-            return task.seq
-        if last_seq >= task.seq:
-            if last_seq > task.seq:  # the client is ahead of us: its history is not ours
-                conn.push(protocol.snapshot_message(task, msg_id, recovered=False))
-            return task.seq
-        first_kept = await self._store.first_kept_seq(task.id)
-        if first_kept is None or first_kept > last_seq + 1:
-            conn.push(protocol.snapshot_message(task, msg_id, recovered=False))
-            return task.seq
-        delivered = last_seq
-        pages = 0
-        while True:
-            if pages and self._limiter is not None:
-                # A replay costs a message per page: re-subscribing in a loop to a long
-                # history is rate-limited like sending that many messages.
-                self._limiter.charge(asyncio.get_running_loop().time(), 1)
-            pages += 1
-            page = await self._store.list_events(
-                task.id, delivered, REPLAY_PAGE, max_bytes=REPLAY_PAGE_BYTES
-            )
-            events = page.events
-            if sub.overflows or (events and events[0].seq != delivered + 1):
-                # Live events came faster than the replay could be sent (the buffer holding
-                # them overflowed), or retention trimmed the history meanwhile: rather than
-                # a gap, the current state; live events after it are held by the buffer.
-                return await self._recover(task, msg_id, sub, delivered)
-            for event in events:
-                # Pace by what the peer takes, not by the page: a page may be longer than
-                # the send queue, and a client that reads is not a slow consumer.
-                await conn.wait_for_room()
-                conn.push(protocol.event_message(event))
-                delivered = event.seq
-            if not page.more:
-                return delivered
-
-    async def _recover(self, task: Task, msg_id: Any, sub: Subscription, delivered: int) -> int:
-        """End a replay that cannot go on with a `recovered: false` snapshot of now."""
-        overflows = sub.overflows
-        latest = await self._store.get_task(task.id) or task
-        if sub.overflows != overflows:
-            # Overflowed again while reading: what was dropped may be newer than `latest`.
-            self._conn.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer: replay overrun")
-            return max(latest.seq, delivered)
-        self._conn.push(protocol.snapshot_message(latest, msg_id, recovered=False))
-        return max(latest.seq, delivered)
+    def _charge_page(self) -> None:
+        """A replay costs a message per page: re-subscribing in a loop to a long history is
+        rate-limited like sending that many messages."""
+        if self._limiter is not None:
+            self._limiter.charge(asyncio.get_running_loop().time(), 1)
