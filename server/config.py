@@ -223,14 +223,15 @@ class Config:
         64,
         "--max-running-jobs",
         "PROGRESS_MAX_RUNNING_JOBS",
-        "built-in jobs running at once; the rest wait as pending, in order (0 = no limit)",
+        "built-in jobs running at once on this node; the rest wait as pending, in order"
+        " (0 = no limit)",
         check=non_negative,
     )
     max_running_jobs_per_user: int = setting(
         8,
         "--max-running-jobs-per-user",
         "PROGRESS_MAX_RUNNING_JOBS_PER_USER",
-        "built-in jobs one user may have running at once (0 = no limit)",
+        "built-in jobs one user may have running at once on this node (0 = no limit)",
         check=non_negative,
     )
     # -- accounts and tokens -------------------------------------------------------------
@@ -290,7 +291,8 @@ class Config:
         20.0,
         "--auth-rate",
         "PROGRESS_AUTH_RATE",
-        "login, register and password-change attempts per client address per minute (0 = no limit)",
+        "login, register and password-change attempts per client address per minute, on this node"
+        " (0 = no limit)",
         check=non_negative,
     )
     trusted_proxies: tuple[str, ...] = setting(
@@ -388,7 +390,7 @@ class Config:
         0.25,
         "--shed-lag",
         "PROGRESS_SHED_LAG",
-        "event-loop lag in seconds at which new WebSockets get 503 (0 = never)",
+        "this node's event-loop lag in seconds at which new WebSockets get 503 (0 = never)",
         check=non_negative,
     )
     # -- HTTP ----------------------------------------------------------------------------
@@ -498,7 +500,7 @@ class Config:
         10000,
         "--commit-queue-max",
         "PROGRESS_COMMIT_QUEUE_MAX",
-        "writes waiting for the disk; more get 503 with Retry-After",
+        "writes waiting for the store on this node; more get 503 with Retry-After",
         check=at_least(1),
     )
     # -- retention -----------------------------------------------------------------------
