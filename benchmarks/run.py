@@ -26,7 +26,7 @@ SCENARIOS = {**SCENARIOS, "abuse": ("abuse resistance", abuse.abuse, False)}
 
 #: Flags for the real server: limits raised so one benchmark user may open thousands of
 #: sockets and post as fast as it can; everything else is the default configuration.
-SERVER_ARGS: list[str] = ["--max-connections-per-user", "0"]
+SERVER_ARGS: list[str] = ["--max-connections-per-user", "0", "--task-create-rate", "0"]
 NAIVE_ARGS = ["--commit-batch-max", "1"]
 #: The abuse scenario keeps the default configuration (its limits are what it measures),
 #: except that X-Forwarded-For from 127.0.0.1 is believed, so that each client and each
