@@ -14,28 +14,27 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 
 from server.broker import Message, broker_kind, open_broker
 from server.broker.memory import MemoryBroker
-
-redis = pytest.importorskip("redis.asyncio")
-
-from server.broker.redis import (  # noqa: E402
+from server.broker.redis import (
     RedisBroker,
     decode,
     encode,
+    header_prefix,
     parse_url,
 )
 
-from .helpers import eventually  # noqa: E402
-from .redis_server import RedisServer  # noqa: E402
-from .redis_server import redis_server as _redis_server  # noqa: E402
+from .helpers import eventually
+from .redis_server import RedisServer
+from .redis_server import redis_server as _redis_server
 
 #: The fixture, under its own name (tests/redis_server.py holds it for reuse).
 redis_server = _redis_server
 
 #: Short bounds for the outage tests (the defaults are 2 s and 1 s): same code paths.
-FAST = {"timeout": 0.5, "ping_interval": 0.2, "backoff_cap": 0.3}
+FAST = {"timeout": 1.0, "ping_interval": 0.25, "backoff_cap": 0.3}
 #: Bound on waiting for anything to happen over Redis, in seconds.
 WAIT = 10.0
 
@@ -90,6 +89,13 @@ async def until(check: Callable[[], bool], timeout: float = WAIT) -> None:
         return check()
 
     await eventually(ready, timeout)
+
+
+async def _broker_clients(url: str) -> list[dict[str, Any]]:
+    """The connections brokers opened (they name themselves progress-broker:<node>)."""
+    async with redis.Redis.from_url(url) as raw:
+        clients = await raw.client_list()
+    return [c for c in clients if c.get("name", "").startswith("progress-broker:")]
 
 
 # -- memory ---------------------------------------------------------------------------
@@ -159,6 +165,9 @@ def test_the_wire_format_round_trips_any_ids_and_text() -> None:
     assert decode(encode(sent)) == sent
     head = encode(sent).split(b"\n", 1)[0]
     assert json.loads(head)[0] == 1
+    # The subscriber skips its own messages by this prefix, without decoding them.
+    assert encode(sent).startswith(header_prefix(sent.origin))
+    assert not encode(sent).startswith(header_prefix('node "a"'))
 
 
 @pytest.mark.parametrize(
@@ -366,6 +375,29 @@ async def test_a_hung_redis_is_detected_and_recovers(
     assert a.reconnects == b.reconnects == 1
 
 
+async def test_a_quiet_channel_stays_subscribed(
+    redis_server: RedisServer, nodes: Callable[..., Node]
+) -> None:
+    """With nothing published the subscriber PINGs, Redis answers, and it keeps its
+    connection (silence is not taken for a hung Redis)."""
+    b = await nodes(redis_server.url, "b", **FAST).start()
+    subscriber = [c["id"] for c in await _broker_clients(redis_server.url) if c["sub"] == "1"]
+    assert len(subscriber) == 1
+
+    async def pings() -> int:
+        async with redis.Redis.from_url(redis_server.url) as raw:
+            stats = await raw.info("commandstats")
+        return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+    async def pinged_thrice() -> bool:
+        return await pings() >= 3
+
+    await eventually(pinged_thrice, WAIT)
+    assert b.broker.healthy and b.reconnects == 0 and b.broker.stats.reconnects == 0
+    now = [c["id"] for c in await _broker_clients(redis_server.url) if c["sub"] == "1"]
+    assert now == subscriber
+
+
 async def test_a_node_starts_while_redis_is_unreachable(
     tmp_path: Any, unused_tcp_port_factory: Callable[[], int], nodes: Callable[..., Node]
 ) -> None:
@@ -390,12 +422,6 @@ async def test_a_node_starts_while_redis_is_unreachable(
 
 
 # -- shutdown ----------------------------------------------------------------------------
-
-
-async def _broker_clients(url: str) -> list[dict[str, Any]]:
-    async with redis.Redis.from_url(url) as raw:
-        clients = await raw.client_list()
-    return [c for c in clients if c.get("name", "").startswith("progress-broker:")]
 
 
 async def test_close_sends_the_queue_and_leaves_nothing_behind(

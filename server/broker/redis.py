@@ -1,7 +1,8 @@
 """`redis://`: fan-out between nodes over one Redis pub/sub channel.
 
 Every node publishes its committed events on one channel and subscribes to it; each node
-receives every message, its own included, and skips its own by `origin`. Redis pub/sub
+receives every message, its own included (Redis has no "not to me"), and skips its own
+by their first bytes, undecoded (the header starts with the origin). Redis pub/sub
 keeps no history and knows nothing of database numbers (a channel is global to the
 server), so the channel is namespaced by the URL's database number, `progress:events:N`,
 or named outright with `?channel=NAME`: two deployments can share one Redis.
@@ -20,13 +21,16 @@ Two tasks, two connections:
   keeps TCP open and answers nothing; redis-py's health check has no deadline). On any
   loss it reconnects with capped, jittered backoff, re-subscribes, then calls
   `on_reconnect()` once: what was published meanwhile is gone, the caller re-reads
-  from the store.
+  from the store. (Redis itself drops a subscriber that falls behind by more than its
+  `client-output-buffer-limit pubsub`, 32 MB by default: that is a loss like any other.)
+
+`healthy` is True while the subscription is live and the publisher is not dropping.
 
 redis-py's own retries are off (one attempt per call, bounded by `timeout`): its default
 retries a dead server for seconds per call, and recovery is this module's job.
 
-An unreachable Redis at start does not stop the node: `start()` waits at most `timeout`
-for the first subscription, then returns; the node serves its own subscribers (local
+An unreachable Redis at start does not stop the node: `start()` waits about `timeout` at
+most for the first subscription, then returns; the node serves its own subscribers (local
 delivery never goes through the broker), `healthy` is False and both tasks keep trying
 in the background. Refusing to start would turn a Redis outage into a whole-cluster
 outage at the next restart or deploy.
@@ -82,6 +86,8 @@ PING_INTERVAL = 1.0
 #: Reconnect backoff in seconds: doubles from the base up to the cap, then jittered.
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 2.0
+#: Seconds a subscription must last for the backoff to start over after it is lost.
+STABLE = 10.0
 #: URL query parameters accepted besides `channel` and `db`: TLS settings for rediss://.
 #: Others (socket_timeout, health_check_interval, ...) would override this module's bounds.
 _SSL_PARAMETERS = frozenset(
@@ -165,14 +171,19 @@ def parse_url(url: str) -> RedisTarget:
     return RedisTarget(url=clean, channel=channel or f"{CHANNEL_PREFIX}:{db}", where=where)
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(message: Message) -> bytes:
     """The wire form of `message` (version 1: a JSON header line, then the text)."""
-    header = json.dumps(
-        [WIRE_VERSION, message.origin, message.task_id, message.seq, message.event],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    header = _dumps([WIRE_VERSION, message.origin, message.task_id, message.seq, message.event])
     return f"{header}\n{message.text}".encode()
+
+
+def header_prefix(origin: str) -> bytes:
+    """How every message `encode` writes for `origin` begins: `[1,"origin",`."""
+    return f"[{WIRE_VERSION},{_dumps(origin)},".encode()
 
 
 def decode(data: bytes) -> Message:
@@ -247,6 +258,9 @@ class RedisBroker:
         self._closed = False
         #: Whether a malformed message was logged already (logged once, then counted).
         self._malformed_logged = False
+        #: How this node's own messages begin on the wire: they are skipped undecoded
+        #: (every node reads everything on the channel, its own included).
+        self._own_prefix = header_prefix(node_id)
 
     # -- the Broker interface ------------------------------------------------------------
 
@@ -320,6 +334,9 @@ class RedisBroker:
             socket_timeout=self._timeout,
             socket_connect_timeout=self._timeout,
             health_check_interval=0,
+            # RESP2 on every redis-py from 5 to 8 (8 defaults to RESP3): the same replies,
+            # and no failing CLIENT MAINT_NOTIFICATIONS per connect on Redis 7.
+            protocol=2,
             client_name=f"progress-broker:{self.node_id}",
         )
 
@@ -335,6 +352,8 @@ class RedisBroker:
 
     async def _publisher(self) -> None:
         client: aioredis.Redis | None = None
+        #: Failed sends and PINGs since the last batch that went through (the backoff grows
+        #: with it, so a Redis that answers PING but refuses PUBLISH is not hammered).
         failures = 0
         try:
             while True:
@@ -346,12 +365,12 @@ class RedisBroker:
                     try:
                         async with asyncio.timeout(self._timeout):
                             await client.ping()
-                    except _FAILURES:
+                    except Exception as exc:
+                        _log_unexpected(exc, "PING")
                         failures += 1
                         await self._discard(client)
                         client = None
                         continue
-                    failures = 0
                     self._publisher_down = False
                     self._retry_subscriber.set()
                     logger.info("Redis broker at %s: publishing again", self._target.where)
@@ -363,19 +382,24 @@ class RedisBroker:
                 client = client or self._client()
                 try:
                     await self._send_batch(client)
-                except _FAILURES as exc:
-                    failures = 1
+                except Exception as exc:
+                    _log_unexpected(exc, "PUBLISH")
+                    if failures == 0:  # once per outage, not once per attempt
+                        logger.warning(
+                            "Redis broker at %s: publishing failed (%s), dropping until it answers",
+                            self._target.where,
+                            _describe(exc),
+                        )
+                    failures += 1
                     self._publisher_down = True
                     self._retry_publisher.clear()  # a stale "Redis is back" from before
                     self.stats.dropped += len(self._queue)
                     self._queue.clear()
+                    self._idle.set()
                     await self._discard(client)
                     client = None
-                    logger.warning(
-                        "Redis broker at %s: publishing failed (%s), dropping until it answers",
-                        self._target.where,
-                        _describe(exc),
-                    )
+                else:
+                    failures = 0
         finally:
             await self._discard(client)
 
@@ -408,6 +432,10 @@ class RedisBroker:
         on_reconnect: Callable[[], None],
         first_attempt: asyncio.Future[None],
     ) -> None:
+        loop = asyncio.get_running_loop()
+        #: Failed attempts and short-lived sessions in a row (the backoff grows with it, so
+        #: a Redis that accepts then drops us, e.g. its pubsub output-buffer limit, is not
+        #: hammered).
         failures = 0
         #: True after a loss (or a failed first attempt): the next subscription is a recovery.
         lost = False
@@ -415,11 +443,12 @@ class RedisBroker:
         while True:
             client = self._client()
             pubsub = client.pubsub()
+            subscribed_at: float | None = None
             try:
                 await self._subscribe(pubsub)
+                subscribed_at = loop.time()
                 self._subscribed = True
                 self._retry_publisher.set()
-                failures = 0
                 if not first_attempt.done():
                     first_attempt.set_result(None)
                 if lost:
@@ -428,16 +457,18 @@ class RedisBroker:
                     logger.info(
                         "Redis broker at %s: subscribed again after %.1f s",
                         self._target.where,
-                        time.monotonic() - lost_at,
+                        loop.time() - lost_at,
                     )
                     _call(on_reconnect)
                 await self._read(pubsub, deliver)
-            except _FAILURES as exc:
+            except Exception as exc:
+                _log_unexpected(exc, "the subscription")
                 self._subscribed = False
-                failures += 1
+                stable = subscribed_at is not None and loop.time() - subscribed_at >= STABLE
+                failures = 1 if stable else failures + 1
                 if not lost:
                     self._retry_subscriber.clear()  # a stale "Redis is back" from before
-                    lost, lost_at = True, time.monotonic()
+                    lost, lost_at = True, loop.time()
                     logger.warning(
                         "Redis broker at %s lost (%s): reconnecting",
                         self._target.where,
@@ -480,6 +511,8 @@ class RedisBroker:
                 self._receive(reply["data"], deliver)
 
     def _receive(self, data: bytes, deliver: Deliver) -> None:
+        if data.startswith(self._own_prefix):
+            return  # this node delivered its own events itself
         try:
             message = decode(data)
         except ValueError as exc:
@@ -495,7 +528,7 @@ class RedisBroker:
                 )
             return
         if message.origin == self.node_id:
-            return  # this node delivered its own events itself
+            return  # its own after all, with a header spelled differently (another version)
         self.stats.received += 1
         try:
             deliver(message)
@@ -527,6 +560,13 @@ def _call(callback: Callable[[], None]) -> None:
         callback()
     except Exception:
         logger.exception("the broker's on_reconnect callback failed")
+
+
+def _log_unexpected(exc: Exception, what: str) -> None:
+    """Log a traceback for a failure that is not a lost or refusing Redis (a bug): the
+    loop treats it as a loss all the same, so the broker keeps running."""
+    if not isinstance(exc, _FAILURES):
+        logger.error("Redis broker: unexpected error in %s", what, exc_info=exc)
 
 
 def _describe(exc: BaseException) -> str:
