@@ -98,6 +98,22 @@ async def _broker_clients(url: str) -> list[dict[str, Any]]:
     return [c for c in clients if c.get("name", "").startswith("progress-broker:")]
 
 
+def test_without_redis_server_tests_skip_locally_and_fail_in_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A missing binary skips the Redis tests, unless CI=true: then they fail."""
+    from . import redis_server as module
+
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr(module, "REDIS_SERVER", "/nonexistent/redis-server")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        module.redis_binary()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        module.redis_binary()
+
+
 # -- memory ---------------------------------------------------------------------------
 
 
