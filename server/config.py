@@ -102,8 +102,11 @@ def _broker_url(value: Any) -> str | None:
     from .broker import broker_kind
 
     try:
-        broker_kind(value)
-    except ValueError as exc:
+        if broker_kind(value) == "redis":
+            from .broker.redis import parse_url  # also says so if redis-py is missing
+
+            parse_url(value)
+    except (ValueError, ImportError) as exc:
         return str(exc)
     return None
 
