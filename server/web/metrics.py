@@ -391,6 +391,16 @@ class ProgressCollector:
             "Times the broker was lost and found.",
             value=stats.reconnects,
         )
+        yield CounterMetricFamily(
+            "progress_broker_malformed",
+            "Messages on the broker's channel that were not ours to read (ignored).",
+            value=getattr(stats, "malformed", 0),
+        )
+        yield GaugeMetricFamily(
+            "progress_broker_queue",
+            "Events waiting to be published to other nodes.",
+            value=getattr(broker, "queued", 0),
+        )
         yield _histogram(
             "progress_broker_publish_lag_seconds",
             "Seconds from commit to the broker's acknowledgement of the publish.",
