@@ -16,6 +16,7 @@ from server.config import Config
 from server.web.app import create_app
 
 from .helpers import SECRET
+from .pg import pg_server, pg_template, pg_url  # noqa: F401  (PostgreSQL fixtures)
 
 
 @pytest.fixture

@@ -75,15 +75,26 @@ class DatabaseError(RuntimeError):
 
 def is_unavailable(exc: BaseException) -> bool:
     """True for errors that say the database cannot serve now, whatever the request."""
+    if is_broken(exc):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        code = str(getattr(exc, "sqlstate", "") or "")
+        return code[:2] in UNAVAILABLE_CLASSES or code in UNAVAILABLE_CODES
+    return False
+
+
+def is_broken(exc: BaseException) -> bool:
+    """True when the connection itself may be unusable after `exc` (lost, timed out, or
+    asyncpg's protocol confused, as when the server kills an idle connection), as opposed
+    to an error the server answered on a healthy connection."""
     if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable, timed out
+        return True
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InternalClientError):
         return True
     if isinstance(exc, asyncpg.InterfaceError):
         # "connection is closed", "…the underlying connection is closed", "pool is closing".
         text = str(exc)
         return "closed" in text or "closing" in text
-    if isinstance(exc, asyncpg.PostgresError):
-        code = str(getattr(exc, "sqlstate", "") or "")
-        return code[:2] in UNAVAILABLE_CLASSES or code in UNAVAILABLE_CODES
     return False
 
 
@@ -159,13 +170,19 @@ class PostgresDatabase:
         return await self._read(lambda c: c.fetchval(sql, *args))
 
     async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        try:
-            async with self._reads.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                return await fn(conn)
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise unavailable(exc) from exc
-            raise
+        for attempt in (1, 2):
+            try:
+                async with self._reads.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    return await _guarded(conn, fn(conn))
+            except Exception as exc:
+                # A pooled connection that died while idle (the server restarted) fails
+                # its first use; a read is safe to run again, on a new connection.
+                if attempt == 1 and _stale(exc):
+                    continue
+                if is_unavailable(exc):
+                    raise unavailable(exc) from exc
+                raise
+        raise AssertionError("unreachable")
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -179,8 +196,14 @@ class PostgresDatabase:
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 async with self._writes.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                    async with conn.transaction():
-                        return await fn(conn)
+                    return await _guarded(conn, _in_transaction(conn, fn))
+            except _NotBegun as not_begun:
+                # BEGIN failed on a connection that died while idle: nothing was sent,
+                # so running the transaction again on a new connection is safe (once).
+                exc = not_begun.error
+                if attempt == 1 and _stale(exc):
+                    continue
+                raise unavailable(exc) from exc
             except Exception as exc:
                 if _retried(exc) and attempt < ATTEMPTS:
                     log.info("pg.retry attempt=%d error=%s", attempt, exc)
@@ -199,6 +222,56 @@ class PostgresDatabase:
     async def connect(self) -> asyncpg.Connection:
         """A connection outside the pools (closed by the caller)."""
         return await connect(self.url)
+
+
+class _NotBegun(Exception):
+    """BEGIN itself failed because the connection is broken: nothing was written."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _stale(exc: BaseException) -> bool:
+    """A broken connection that is worth one more try on a new one (not a timeout, which
+    would only double the wait)."""
+    return is_broken(exc) and not isinstance(exc, TimeoutError)
+
+
+async def _in_transaction(
+    conn: asyncpg.Connection, fn: Callable[[asyncpg.Connection], Awaitable[T]]
+) -> T:
+    transaction = conn.transaction()
+    try:
+        await transaction.start()
+    except Exception as exc:
+        if is_broken(exc):
+            if not conn.is_closed():
+                conn.terminate()
+            raise _NotBegun(exc) from exc
+        raise
+    try:
+        result = await fn(conn)
+    except BaseException:
+        if not conn.is_closed():
+            try:
+                await transaction.rollback()
+            except Exception:  # the original error matters; this connection is done
+                conn.terminate()
+        raise
+    await transaction.commit()
+    return result
+
+
+async def _guarded(conn: asyncpg.Connection, work: Awaitable[T]) -> T:
+    """Await `work` on a pooled connection; if the connection broke, terminate it so the
+    pool opens a new one instead of handing this one out again."""
+    try:
+        return await work
+    except Exception as exc:
+        if is_broken(exc) and not conn.is_closed():
+            conn.terminate()
+        raise
 
 
 def changed_rows(tag: str) -> int:
