@@ -11,13 +11,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from server.errors import QuotaExceeded
-from server.lifecycle import Create, Progress, Quotas, Request
+from server.lifecycle import Complete, Create, Progress, Quotas, Request
 from server.models import Event, utc_now
+from server.retention import Retention
 from server.store import Backend, StoreUnavailable
 from server.store.postgres import open_postgres
 from server.store.postgres_db import DatabaseError, migrate
@@ -247,3 +249,48 @@ async def test_the_tracker_runs_on_postgresql(pg_url: str) -> None:
         assert seen == list(range(1, 14))
         stored = await backend.store.get_task(task.id)
         assert stored is not None and (stored.status, stored.seq) == ("completed", 13)
+
+
+async def test_retention_runs_on_postgresql(pg_url: str) -> None:
+    """One retention run over the PostgreSQL store: old finished tasks go, others are
+    trimmed to their last event or capped, and the owner's stored bytes follow."""
+    async with nodes(pg_url, 1) as (backend,):
+        store = backend.store
+        uid = (await backend.accounts.create_user("alice", "h", utc_now())).id
+        old, trimmed, capped = [await new_task(backend, uid) for _ in range(3)]
+        for task_id in (old, trimmed, capped):
+            await store.apply([progress(task_id, uid, i) for i in range(10)], NO_QUOTAS, utc_now)
+        for task_id in (old, trimmed):
+            await store.apply([Request(task_id, uid, Complete())], NO_QUOTAS, utc_now)
+        # `old` finished two days ago; the job's clock is two hours ahead.
+        conn = await asyncpg.connect(pg_url)
+        try:
+            long_ago = (datetime.now(UTC) - timedelta(days=2)).isoformat().replace("+00:00", "Z")
+            await conn.execute("UPDATE tasks SET finished_at = $1 WHERE id = $2", long_ago, old)
+        finally:
+            await conn.close()
+        retention = Retention(
+            store,
+            event_retention=3600,
+            task_retention=86_400 + 3600,
+            max_events_per_task=5,
+            interval=3600,
+            batch_rows=4,
+            clock=lambda: datetime.now(UTC) + timedelta(hours=2),
+        )
+        report = await retention.run_once()
+        assert await store.get_task(old) is None
+        assert [e.seq for e in await events_of(backend, trimmed)] == [13]
+        assert [e.seq for e in await events_of(backend, capped)] == list(range(8, 13))
+        assert report.tasks_deleted == 1 and report.transactions > 3
+        spans = await store.task_spans([trimmed, capped])
+        assert sorted((s.first_kept, s.seq) for s in spans) == [(8, 12), (13, 13)]
+        conn = await asyncpg.connect(pg_url)
+        try:
+            counted = await conn.fetchval("SELECT stored_bytes FROM users WHERE id = $1", uid)
+            actual = await conn.fetchval(
+                "SELECT (SELECT sum(bytes) FROM tasks) + (SELECT sum(bytes) FROM task_events)"
+            )
+        finally:
+            await conn.close()
+        assert counted == actual > 0
