@@ -135,6 +135,8 @@ class PostgresServer:
             "shared_buffers": "32MB",
             "max_connections": "100",
             "fsync": "on",
+            # Deadlock tests wait this long for PostgreSQL to notice (default 1 s).
+            "deadlock_timeout": "100ms",
             "logging_collector": "off",
         }
         with (self.data / "postgresql.conf").open("a", encoding="utf-8") as conf:

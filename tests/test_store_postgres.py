@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -22,7 +23,7 @@ from server.models import Event, utc_now
 from server.retention import Retention
 from server.store import Backend, StoreUnavailable
 from server.store.postgres import open_postgres
-from server.store.postgres_db import DatabaseError, migrate
+from server.store.postgres_db import DatabaseError, migrate, open_database
 from server.tracker import Tracker
 
 from .pg import MIGRATIONS, PASSWORD, PostgresServer, free_port
@@ -294,3 +295,36 @@ async def test_retention_runs_on_postgresql(pg_url: str) -> None:
         finally:
             await conn.close()
         assert counted == actual > 0
+
+
+async def test_a_transaction_aborted_as_a_deadlock_runs_again(pg_url: str) -> None:
+    """Two transactions locking two rows in opposite orders deadlock; PostgreSQL aborts
+    one, and `write` runs it again: both commit, nothing is lost."""
+    db = await open_database(pg_url, MIGRATIONS)
+    try:
+        await db.execute("INSERT INTO meta (key, value) VALUES ('a', '0'), ('b', '0')")
+        holding = {"a": asyncio.Event(), "b": asyncio.Event()}
+        attempts = {"a": 0, "b": 0}
+
+        def locker(first: str, second: str) -> Any:
+            async def transaction(conn: asyncpg.Connection) -> None:
+                attempts[first] += 1
+                await conn.execute(
+                    "UPDATE meta SET value = (value::int + 1)::text WHERE key = $1", first
+                )
+                if attempts[first] == 1:  # only the first time: both hold one row now
+                    holding[first].set()
+                    await holding[second].wait()
+                await conn.execute(
+                    "UPDATE meta SET value = (value::int + 1)::text WHERE key = $1", second
+                )
+
+            return transaction
+
+        async with asyncio.timeout(OUTAGE_BOUND):
+            await asyncio.gather(db.write(locker("a", "b")), db.write(locker("b", "a")))
+        assert sorted(attempts.values()) == [1, 2]
+        rows = await db.fetch("SELECT key, value FROM meta WHERE key IN ('a', 'b') ORDER BY key")
+        assert [tuple(row) for row in rows] == [("a", "2"), ("b", "2")]
+    finally:
+        await db.close()
