@@ -46,9 +46,9 @@ READ_POOL, WRITE_POOL = 8, 4
 #: Attempts of a transaction that PostgreSQL aborted as a deadlock or serialization
 #: failure (nothing of it happened, so it is safe to run again).
 ATTEMPTS = 5
-#: Per-session settings (they survive the pool's RESET ALL: startup values are defaults).
-#: A node that dies or hangs inside a transaction frees its row locks within a minute, and
-#: a lock wait that long means the database cannot serve now: 503, not a hung request.
+#: Per-session settings, sent when connecting. A node that dies or hangs inside a
+#: transaction frees its row locks within a minute, and a lock wait that long means the
+#: database cannot serve now: 503, not a hung request.
 SERVER_SETTINGS = {
     "application_name": "progress-server",
     "idle_in_transaction_session_timeout": "60000",
@@ -126,14 +126,23 @@ def lock_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-async def connect(url: str) -> asyncpg.Connection:
-    """One connection of its own (migrations, advisory locks held for a while)."""
+async def connect(
+    url: str, *, command_timeout: float | None = COMMAND_TIMEOUT, lock_timeout: bool = True
+) -> asyncpg.Connection:
+    """One connection of its own (migrations, advisory locks held for a while).
+
+    `command_timeout=None` and `lock_timeout=False` let statements wait as long as they
+    need (migrating: another node may be migrating first).
+    """
+    settings = dict(SERVER_SETTINGS)
+    if not lock_timeout:
+        settings["lock_timeout"] = "0"
     try:
         return await asyncpg.connect(
             url,
             timeout=CONNECT_TIMEOUT,
-            command_timeout=COMMAND_TIMEOUT,
-            server_settings=SERVER_SETTINGS,
+            command_timeout=command_timeout,
+            server_settings=settings,
         )
     except Exception as exc:
         if is_unavailable(exc):
@@ -344,7 +353,8 @@ def migration_files(migrations_dir: Path) -> list[tuple[int, str, Path]]:
 
 async def migrate(url: str, migrations_dir: Path) -> list[int]:
     """Connect and apply pending migrations (see `apply_migrations`); returns those applied."""
-    conn = await connect(url)
+    # No time limits: a node starting while another migrates waits for its turn.
+    conn = await connect(url, command_timeout=None, lock_timeout=False)
     try:
         return await apply_migrations(conn, migrations_dir)
     except DatabaseError as exc:
