@@ -53,6 +53,9 @@ _TASK_COLUMNS = (
     " checkpoint, created_at, updated_at, started_at, finished_at"
 )
 _EVENT_COLUMNS = "task_id, seq, event, status, progress, step, message, result, error, ts"
+#: The same, of the tables aliased `t` and `e`.
+_T_COLUMNS = ", ".join("t." + column.strip() for column in _TASK_COLUMNS.split(","))
+_E_COLUMNS = ", ".join("e." + column.strip() for column in _EVENT_COLUMNS.split(","))
 _TERMINAL = "('completed', 'failed', 'cancelled')"
 _UNFINISHED = "('pending', 'running')"
 
@@ -166,7 +169,7 @@ class PostgresStore:
             f"  FROM tasks WHERE {where} ORDER BY created_at DESC, row_no DESC LIMIT $2 + 1"
             " ) c WINDOW w AS (ORDER BY created_at DESC, row_no DESC))"
             " SELECT c.n, c.created_at AS cursor_at, c.row_no AS cursor_no,"
-            f" {', '.join('t.' + col.strip() for col in _TASK_COLUMNS.split(','))}"
+            f" {_T_COLUMNS}"
             " FROM candidates c LEFT JOIN tasks t ON t.id = c.id"
             " AND c.n <= $2 AND (c.n = 1 OR c.total <= $3)"
             " ORDER BY c.n",
@@ -193,7 +196,7 @@ class PostgresStore:
             "  SELECT seq, bytes FROM task_events WHERE task_id = $1 AND seq > $2"
             "  ORDER BY seq LIMIT $3 + 1"
             " ) c WINDOW w AS (ORDER BY seq))"
-            f" SELECT c.n, {', '.join('e.' + col.strip() for col in _EVENT_COLUMNS.split(','))}"
+            f" SELECT c.n, {_E_COLUMNS}"
             " FROM candidates c LEFT JOIN task_events e ON e.task_id = $1 AND e.seq = c.seq"
             " AND c.n <= $3 AND (c.n = 1 OR c.total <= $4)"
             " ORDER BY c.n",
@@ -245,9 +248,8 @@ class PostgresStore:
         if not wanted:
             return []
         since, since_id = after or ("", "")
-        columns = ", ".join("t." + col.strip() for col in _TASK_COLUMNS.split(","))
         rows = await self._db.fetch(
-            f"SELECT {columns} FROM tasks t LEFT JOIN job_leases l ON l.task_id = t.id"
+            f"SELECT {_T_COLUMNS} FROM tasks t LEFT JOIN job_leases l ON l.task_id = t.id"
             f" WHERE t.status IN {_UNFINISHED} AND t.kind = ANY($1::text[])"
             " AND (t.created_at, t.id) > ($2, $3)"
             " AND (l.task_id IS NULL OR l.expires_at < clock_timestamp())"
