@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from .records import StoreUnavailable
+from .sqlite_db import DatabaseError as _StoreError
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ MIGRATION_LOCK = 0x70726F6772657373  # "progress"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-class DatabaseError(RuntimeError):
-    """The database cannot be used by this version (e.g. its schema is newer)."""
+class DatabaseError(_StoreError):
+    """The database cannot be used by this version (e.g. its schema is newer).
+
+    A kind of the SQLite backend's DatabaseError, which the entry points (`__main__`,
+    `admin`) already report as a startup error."""
 
 
 def is_unavailable(exc: BaseException) -> bool:
