@@ -16,6 +16,8 @@ from server.config import Config
 from server.web.app import create_app
 
 from .helpers import SECRET
+from .pg import pg_server, pg_template, pg_url  # noqa: F401  (PostgreSQL fixtures)
+from .redis_server import redis_server  # noqa: F401  (Redis fixture)
 
 
 @pytest.fixture
