@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 from .auth import SecretFileError
 from .config import from_args
@@ -28,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
     try:
         config = fit_open_files(config)
-        # Before anything is touched: a second server on this database stops here.
-        with InstanceLock(config.lock_path, config.db_path):
+        # Before anything is touched: a second server on this SQLite file stops here (a
+        # shared store has no such limit: that is what it is for).
+        path = config.sqlite_path
+        lock = InstanceLock(config.lock_path, path) if path is not None else nullcontext()
+        with lock:
             # Bound before the app starts, so a taken port leaves the database alone.
             sockets = listen(config.host, config.port)
             try:

@@ -592,6 +592,18 @@ class Config:
         return f"sqlite:///{path}"  # an absolute path gives the four slashes of sqlite:////
 
     @property
+    def store_label(self) -> str:
+        """The store's URL for logs: a password is never shown."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.store_url)
+        if parts.password is None:
+            return self.store_url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+    @property
     def sqlite_path(self) -> Path | None:
         """The SQLite file in use, or None for a PostgreSQL store."""
         from .store import parse_store_url

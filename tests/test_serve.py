@@ -295,12 +295,12 @@ async def test_ready_names_the_real_url_with_port_zero(tmp_path: Path) -> None:
         )  # fmt: skip
     try:
         async with asyncio.timeout(TIMEOUT * 3):
-            while not (found := re.search(r"server\.ready url=(\S+) db=(\S+)", log.read_text())):
+            while not (found := re.search(r"server\.ready url=(\S+) store=(\S+)", log.read_text())):
                 assert proc.poll() is None, log.read_text()
                 await asyncio.sleep(0.05)
-        url, db = found.groups()
+        url, store = found.groups()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url) and not url.endswith(":0")
-        assert db == str(tmp_path / "app.db")
+        assert store == f"sqlite:///{tmp_path / 'app.db'}"
         assert (await get_status(f"{url}/healthz"))[0] == 200
         assert "resumed_jobs=0" in log.read_text()
     finally:

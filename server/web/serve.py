@@ -374,9 +374,9 @@ async def _serve(app: web.Application, sockets: list[socket.socket]) -> None:
         for sock in sockets:
             await GuardedSite(runner, sock, gate).start()
         log.info(
-            "server.ready url=%s db=%s resumed_jobs=%d",
+            "server.ready url=%s store=%s resumed_jobs=%d",
             ",".join(url_of(sock) for sock in sockets),
-            config.db_path,
+            config.store_label,
             app.get(resumed_jobs_key, 0),
         )
         while True:
