@@ -22,9 +22,11 @@ from urllib.parse import unquote, urlsplit
 from ..lifecycle import Plan, Quotas, Request
 from ..models import Task, User
 from .records import (
+    ApiKeyRecord,
     EventPage,
     EventSpan,
     SessionRecord,
+    ShareRecord,
     StoreUnavailable,
     SubscriptionRecord,
     TaskPage,
@@ -34,6 +36,9 @@ from .records import (
 
 __all__ = [
     "Accounts",
+    "ApiKeyRecord",
+    "Grants",
+    "ShareRecord",
     "Backend",
     "EventPage",
     "EventSpan",
@@ -205,6 +210,45 @@ class Accounts(Protocol):
     async def revoke_user_sessions(self, user_id: int, at: float) -> list[str]: ...
 
 
+class Grants(Protocol):
+    """API keys (a user's workers) and share tokens (read access to one task)."""
+
+    async def create_api_key(
+        self, key_id: str, user_id: int, name: str, scopes: Sequence[str], secret_hash: str, at: str
+    ) -> None: ...
+
+    async def count_api_keys(self, user_id: int) -> int:
+        """Keys of the user that are not revoked."""
+
+    async def list_api_keys(self, user_id: int) -> list[ApiKeyRecord]:
+        """The user's keys that are not revoked, oldest first."""
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    async def revoke_api_key(self, key_id: str, user_id: int, at: str) -> bool:
+        """False if the user has no such live key."""
+
+    async def touch_api_key(self, key_id: str, at: str) -> None:
+        """Record that the key was used (`last_used_at`)."""
+
+    async def create_share(
+        self,
+        share_id: str,
+        task_id: str,
+        user_id: int,
+        secret_hash: str,
+        created_at: str,
+        expires_at: float,
+    ) -> None: ...
+
+    async def count_live_shares(self, task_id: str, now: float) -> int: ...
+
+    async def get_share(self, share_id: str) -> ShareRecord | None: ...
+
+    async def revoke_shares(self, task_id: str, at: str) -> list[str]:
+        """End every live share token of the task; returns their ids."""
+
+
 @dataclass
 class Backend:
     """An open store: its task and account sides, and how to close it."""
@@ -213,6 +257,7 @@ class Backend:
     kind: str
     store: Store
     accounts: Accounts
+    grants: Grants
     close: Callable[[], Awaitable[None]]
     #: True when several server processes may share it (a broker other than memory:// then
     #: makes sense); SQLite is one process.

@@ -115,12 +115,14 @@ async def open_postgres(url: str, migrations_dir: Path) -> Any:
     """
     from . import Backend
     from .postgres_accounts import PostgresAccounts
+    from .postgres_grants import PostgresGrants
 
     db = await open_database(url, migrations_dir)
     return Backend(
         kind="postgresql",
         store=PostgresStore(db),
         accounts=PostgresAccounts(db),
+        grants=PostgresGrants(db),
         close=db.close,
         shared=True,
     )

@@ -116,3 +116,38 @@ def fit(rows: Sequence[Any], max_bytes: int, size_index: int) -> tuple[list[Any]
 class StoreUnavailable(Exception):
     """The database cannot commit now (busy, full, read-only, I/O): the whole batch failed,
     through no fault of any request in it. Callers answer 503 and may retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """An API key as stored: never its secret, only the secret's hash."""
+
+    id: str
+    user_id: int
+    name: str
+    scopes: tuple[str, ...]
+    secret_hash: str
+    created_at: str
+    last_used_at: str | None
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ShareRecord:
+    """A read-only share token of one task. `expires_at` is epoch seconds."""
+
+    id: str
+    task_id: str
+    user_id: int
+    secret_hash: str
+    expires_at: float
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    """The first answer to an idempotent request, given again to its retries."""
+
+    fingerprint: str
+    status: int
+    body: str

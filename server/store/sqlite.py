@@ -98,6 +98,7 @@ async def open_sqlite(path: Path, migrations_dir: Path, synchronous: str, reader
     """The SQLite `Backend` (see store/__init__.py) for the file at `path`."""
     from . import Backend
     from .sqlite_accounts import SQLiteAccounts
+    from .sqlite_grants import SQLiteGrants
 
     db = await open_database(path, migrations_dir, synchronous, readers)
     # One process uses the file (its lock file sees to it): leases left by the previous
@@ -107,6 +108,7 @@ async def open_sqlite(path: Path, migrations_dir: Path, synchronous: str, reader
         kind="sqlite",
         store=SQLiteStore(db),
         accounts=SQLiteAccounts(db),
+        grants=SQLiteGrants(db),
         close=db.close,
         shared=False,
         sqlite=db,
