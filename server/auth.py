@@ -281,11 +281,18 @@ def load_or_create_secret(path: Path) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a valid token speaks for, through which session, and until when (epoch seconds)."""
+    """Who a valid token speaks for, through which session, and until when (epoch seconds).
+
+    `kind` is "login" (a user's access token: may do everything), "api_key" (limited to
+    `scopes`) or "share" (reads `task_id` and nothing else); see credentials.py.
+    """
 
     user_id: int
     session_id: str
     expires_at: float
+    kind: str = "login"
+    scopes: frozenset[str] = frozenset({"tasks:read", "tasks:write"})
+    task_id: str | None = None
 
 
 class TokenService:
