@@ -23,7 +23,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +293,13 @@ class Identity:
     kind: str = "login"
     scopes: frozenset[str] = frozenset({"tasks:read", "tasks:write"})
     task_id: str | None = None
+
+    @property
+    def connection_key(self) -> Hashable:
+        """What its sockets count under for --max-connections-per-user: the user, or for a
+        share token ("shared", the owner), so viewers of a shared link can neither take the
+        owner's own places nor hold more than the limit themselves."""
+        return ("shared", self.user_id) if self.kind == "share" else self.user_id
 
 
 class TokenService:

@@ -161,3 +161,28 @@ async def test_only_the_owner_shares_and_ttls_are_bounded(client: TestClient) ->
         assert await error_of(resp) == (422, "validation_error"), ttl
     made = await share(client, owner, task["id"], ttl_s=30 * 86400)
     assert made["expires_at"] > task["created_at"]
+
+
+async def test_viewers_of_a_share_count_apart_from_the_owner(
+    aiohttp_client: Any, config: Any
+) -> None:
+    """Share-token sockets fill their own --max-connections-per-user places, not the
+    owner's: with a limit of 2, two viewers are in, a third is 429, the owner still opens."""
+    import dataclasses
+
+    from server.web.app import create_app
+
+    client = await aiohttp_client(
+        create_app(dataclasses.replace(config, max_connections_per_user=2))
+    )
+    owner = await register(client, "alice")
+    task = await create_task(client, owner)
+    token = (await share(client, owner, task["id"]))["token"]
+    path = f"/api/v1/stock/ws/analyze/{task['id']}?token={token}"
+    viewers = [await client.ws_connect(path) for _ in range(2)]
+    refused = await client.get(path)
+    assert await error_of(refused) == (429, "too_many_connections")
+    mine = await client.ws_connect(path.replace(token, owner))
+    assert (await mine.receive_json(timeout=5))["type"] == "snapshot"
+    for ws in (*viewers, mine):
+        await ws.close()

@@ -20,6 +20,7 @@ import socket
 import struct
 import time
 import uuid
+from collections.abc import Hashable
 
 from aiohttp import web
 
@@ -93,6 +94,7 @@ class EventStream:
         user_id: int,
         *,
         session_id: str,
+        limit_key: Hashable,
         max_bytes: int,
         stats: ConnectionStats,
     ) -> None:
@@ -100,6 +102,7 @@ class EventStream:
         self.id = uuid.uuid4().hex[:12]
         self.user_id = user_id
         self.session_id = session_id
+        self.limit_key = limit_key
         self.last_seen = loop.time()
         self.ping_sent_at: float | None = None
         self.stats = stats
@@ -211,7 +214,7 @@ async def stream_task(request: web.Request) -> web.StreamResponse:
     if task.status.is_terminal and last_seq is not None and last_seq >= task.seq:
         return web.Response(status=204)  # nothing will ever follow: EventSource stops
     hub, config = app[hub_key], app[config_key]
-    check_connection_limit(request, identity.user_id)
+    check_connection_limit(request, identity.connection_key)
     transport = request.transport
     try:
         response = web.StreamResponse(
@@ -225,12 +228,13 @@ async def stream_task(request: web.Request) -> web.StreamResponse:
         if not isinstance(transport, asyncio.Transport) or transport.is_closing():
             raise ConnectionResetError("client went away")
     except BaseException:
-        hub.cancel_reservation(identity.user_id)
+        hub.cancel_reservation(identity.connection_key)
         raise
     stream = EventStream(
         transport,
         identity.user_id,
         session_id=identity.session_id,
+        limit_key=identity.connection_key,
         max_bytes=config.send_queue_bytes,
         stats=app[metrics_key].connections,
     )

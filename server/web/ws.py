@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Hashable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -110,7 +111,7 @@ async def _serve(
             raise NotFound("task not found")
     config = request.app[config_key]
     hub = request.app[hub_key]
-    check_connection_limit(request, identity.user_id)
+    check_connection_limit(request, identity.connection_key)
     connected = False
     try:
         # compress=False: frames are written pre-built (connection.text_frame), and tiny
@@ -125,6 +126,7 @@ async def _serve(
             transport if isinstance(transport, asyncio.Transport) else None,
             identity.user_id,
             session_id=identity.session_id,
+            limit_key=identity.connection_key,
             max_messages=config.send_queue_messages,
             max_bytes=config.send_queue_bytes,
             stats=request.app[metrics_key].connections,
@@ -145,10 +147,10 @@ async def _serve(
         return await session.run(identity, last_seq)
     finally:
         if not connected:
-            hub.cancel_reservation(identity.user_id)
+            hub.cancel_reservation(identity.connection_key)
 
 
-def check_connection_limit(request: web.Request, user_id: int) -> None:
+def check_connection_limit(request: web.Request, user_id: Hashable) -> None:
     """--max-connections-per-user (WebSockets and SSE streams): hold a place or 429.
 
     The place is held from here, with no await since the check, until the connection is
