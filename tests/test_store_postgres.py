@@ -328,3 +328,37 @@ async def test_a_transaction_aborted_as_a_deadlock_runs_again(pg_url: str) -> No
         assert [tuple(row) for row in rows] == [("a", "2"), ("b", "2")]
     finally:
         await db.close()
+
+
+async def test_a_query_cut_by_a_crash_reports_the_lost_connection(
+    pg_url: str, pg_server: PostgresServer
+) -> None:
+    """A write in flight when the server crashes fails as StoreUnavailable saying the
+    connection was lost, not that asyncpg had already given it back to its pool (a read
+    is tried once more, and says the server refused it)."""
+    db = await open_database(pg_url, MIGRATIONS)
+    try:
+        read = asyncio.create_task(db.fetchval("SELECT pg_sleep(60)"))
+        write = asyncio.create_task(db.write(lambda c: c.execute("SELECT pg_sleep(60)")))
+        async with asyncio.timeout(OUTAGE_BOUND):
+            while (
+                int(
+                    pg_server.psql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+                    )
+                )
+                < 2
+            ):
+                await asyncio.sleep(0.01)
+        pg_server.crash()
+        try:
+            async with asyncio.timeout(OUTAGE_BOUND):
+                with pytest.raises(StoreUnavailable, match="closed in the middle of operation"):
+                    await write
+                with pytest.raises(StoreUnavailable, match="Connect call failed"):
+                    await read
+        finally:
+            pg_server.start()
+        assert await db.fetchval("SELECT 1") == 1  # and the pools recover
+    finally:
+        await db.close()
