@@ -362,3 +362,29 @@ async def test_a_query_cut_by_a_crash_reports_the_lost_connection(
         assert await db.fetchval("SELECT 1") == 1  # and the pools recover
     finally:
         await db.close()
+
+
+async def test_the_pools_log_an_outage_in_one_line(
+    pg_url: str, pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the server is down, asyncpg's retries to refill a pool are logged without a
+    traceback, with the error that stopped them."""
+    db = await open_database(pg_url, MIGRATIONS)
+    try:
+        pg_server.stop()
+        try:
+            # Losing the pools' connections makes asyncpg try to restore their floor.
+            with pytest.raises(StoreUnavailable):
+                await db.fetchval("SELECT 1")
+            async with asyncio.timeout(OUTAGE_BOUND):
+                while not [r for r in caplog.records if r.name == "asyncpg.pool"]:
+                    await asyncio.sleep(0.01)
+        finally:
+            pg_server.start()
+        retries = [r for r in caplog.records if r.name == "asyncpg.pool"]
+        for record in retries:
+            assert record.exc_info is None and record.exc_text is None
+            assert "Failed to restore the pool connection floor" in record.getMessage()
+            assert " error=" in record.getMessage()
+    finally:
+        await db.close()

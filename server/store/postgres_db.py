@@ -154,6 +154,27 @@ async def connect(
         raise
 
 
+class _OutageInOneLine(logging.Filter):
+    """asyncpg logs each failed refill of a pool's floor (retried every 1 s, doubling to
+    60 s, while the server is down) as a WARNING with its whole traceback. An outage is
+    expected and the rest of the server reports it in one line: keep asyncpg's message and
+    put the error in place of the traceback. Unexpected errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_unavailable(exc):
+            record.msg = f"{record.getMessage()} error={type(exc).__name__}: {exc}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_POOL_LOG = logging.getLogger("asyncpg.pool")
+if not any(isinstance(f, _OutageInOneLine) for f in _POOL_LOG.filters):
+    _POOL_LOG.addFilter(_OutageInOneLine())
+
+
 class PostgresDatabase:
     """The read and write pools of one database, and the one transaction helper."""
 
