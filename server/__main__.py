@@ -22,10 +22,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return users(argv[1:])
     config = from_args(argv)
-    import os as _os
-
-    if _os.environ.get("XX_SWITCH"):
-        sys.setswitchinterval(float(_os.environ["XX_SWITCH"]))
     setup_logging(config.log_level, config.log_format)
     try:
         config = fit_open_files(config)
