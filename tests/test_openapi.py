@@ -543,10 +543,11 @@ async def test_every_route_answers_as_documented(client: TestClient) -> None:
 
 
 async def test_rate_limits_answer_as_documented(aiohttp_client: Any, make_app: Any) -> None:
-    """429 with Retry-After (progress over --task-rate) is an answer the document lists."""
-    client = await aiohttp_client(make_app(task_rate=0.001, task_burst=1))
-    document = await _document(client)
-    api = Api(client, document)
+    """429 with Retry-After (progress over --task-rate; wrong API keys past --auth-rate, on
+    a login-only route too) is an answer the document lists."""
+    # --auth-rate 3 per minute: register and login spend two, the first wrong key the last.
+    client = await aiohttp_client(make_app(task_rate=0.001, task_burst=1, auth_rate=3))
+    api = Api(client, await _document(client))
     token = await register(client, "ada")
     task = (
         await api.call("POST", "/api/v1/tasks", token=token, body={"kind": "x"}, status=201)
@@ -556,6 +557,10 @@ async def test_rate_limits_answer_as_documented(aiohttp_client: Any, make_app: A
     refused = await api.call("POST", path, token=token, body={"progress": 2}, status=429)
     assert refused.json()["error"]["code"] == "rate_limited"
     assert int(refused.headers["Retry-After"]) >= 1
+    wrong = "pk_0123456789abcdef_" + "x" * 43
+    await api.call("GET", "/api/v1/api-keys", token=wrong, status=401)
+    guessed = await api.call("GET", "/api/v1/api-keys", token=wrong, status=429)
+    assert guessed.json()["error"]["code"] == "rate_limited"
 
 
 async def test_metrics_token_answers_as_documented(aiohttp_client: Any, make_app: Any) -> None:

@@ -225,14 +225,10 @@ def _operation(
     return operation
 
 
-def _auth_errors(*, forbidden: bool = True, guesses: bool = True) -> Errors:
-    """401 for a bad token; 403 when a key lacks the scope; 429 after too many bad keys."""
-    errors: Errors = {401: _TOKEN}
-    if forbidden:
-        errors[403] = ("insufficient_scope",)
-    if guesses:
-        errors[429] = _GUESSES
-    return errors
+def _auth_errors() -> Errors:
+    """401 for a bad token; 403 when a key or share token may not call the route; 429 when
+    the address sent too many wrong keys (checked before the route's own rules)."""
+    return {401: _TOKEN, 403: ("insufficient_scope",), 429: _GUESSES}
 
 
 # -- the routes --------------------------------------------------------------------------
@@ -324,7 +320,7 @@ def _account_paths() -> dict[str, dict[str, Any]]:
                 parameters=[_query(schemas.LogoutQuery)],
                 success={204: _answer("The session (or every session of the user) ended.")},
                 errors={
-                    **_auth_errors(guesses=False),
+                    **_auth_errors(),
                     413: ("payload_too_large",),
                     422: ("validation_error",),
                     503: _STORE,
@@ -509,7 +505,6 @@ def _task_paths() -> dict[str, dict[str, Any]]:
 
 
 def _grant_paths() -> dict[str, dict[str, Any]]:
-    login_only = _auth_errors(guesses=False)
     return {
         "/api/v1/api-keys": {
             "post": _operation(
@@ -521,9 +516,9 @@ def _grant_paths() -> dict[str, dict[str, Any]]:
                 success={201: _answer("The key, with its secret this once.", answers.NewApiKey)},
                 errors={
                     **_BODY,
-                    **login_only,
+                    **_auth_errors(),
                     422: ("validation_error",),
-                    429: ("quota_exceeded",),
+                    429: ("rate_limited", "quota_exceeded"),
                     503: _STORE,
                 },
             ),
@@ -533,7 +528,7 @@ def _grant_paths() -> dict[str, dict[str, Any]]:
                 "The caller's live API keys, oldest first",
                 security=_LOGIN,
                 success={200: _answer("The keys, without secrets.", answers.ApiKeyList)},
-                errors={**login_only, 503: _STORE},
+                errors={**_auth_errors(), 503: _STORE},
             ),
         },
         "/api/v1/api-keys/{key_id}": {
@@ -544,7 +539,7 @@ def _grant_paths() -> dict[str, dict[str, Any]]:
                 "Revoke an API key at once",
                 security=_LOGIN,
                 success={204: _answer("Revoked; its sockets and streams close with 4401.")},
-                errors={**login_only, 404: ("not_found",), 503: _STORE},
+                errors={**_auth_errors(), 404: ("not_found",), 503: _STORE},
             ),
         },
         "/api/v1/tasks/{task_id}/share": {
@@ -764,7 +759,10 @@ def build_document() -> dict[str, Any]:
             "description": "Workers report task progress over HTTP; browsers and scripts "
             "watch over WebSocket or Server-Sent Events with exact replay by per-task `seq`. "
             f"{_PROTOCOL} is the reference for every answer, status and error code; every "
-            'error is `{"error": {"code", "message", "fields"}}`.',
+            'error is `{"error": {"code", "message", "fields"}}`. Besides the answers listed, '
+            "any request may get 404 `not_found` (no such route), 405 `method_not_allowed`, "
+            "408 `request_timeout` (a body slower than `--header-timeout`) and, before it is "
+            "read, 503 `server_full` (`--max-http-connections`).",
         },
     )
     assert plugin.converter is not None
