@@ -399,3 +399,27 @@ def test_shared_view_reads_well_on_a_phone(
     assert unreadable(viewer, ["#shared-ended", "#connection-text"]) == []
     assert overflow_px(viewer) <= 0
     assert page_errors == []
+
+
+def test_a_link_pasted_into_a_logged_in_tab_opens_the_shared_view(
+    page: Page, make_server: Callable[..., ServerProcess], page_errors: list[str]
+) -> None:
+    """Only the fragment changes (no load): the page reloads into the shared view; "/" after
+    it is the owner's page again, still logged in."""
+    expect = _expect()
+    server = make_server(0.05)
+    owner, task_id = owner_shows_new_task(page, server, "tom")
+    link = share_over_http(server, owner, task_id)
+    page.evaluate("(link) => { location.href = link; }", link)  # as if typed in the bar
+    expect(page.locator("#shared-label")).to_be_visible()
+    expect(page.locator("#task-status")).to_have_text("Pending")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    for name in ("Analyze", "Share", "Cancel", "Log out"):
+        expect(page.get_by_role("button", name=name, exact=True)).to_have_count(0)
+    assert page.url == f"{server.url}/#task={task_id}"
+
+    page.goto(server.url + "/")
+    expect(page.locator("#user-name")).to_have_text("tom")
+    expect(page.locator("#shared-label")).to_be_hidden()
+    expect(page.get_by_role("button", name="Analyze")).to_be_visible()
+    assert page_errors == []
