@@ -20,6 +20,7 @@ from .conftest import EXPECT_TIMEOUT_MS
 from .readability import overflow_px, unreadable
 from .test_csp import RECORD_VIOLATIONS
 from .test_page import (
+    finished_external_task,
     http,
     log_entries,
     open_from_recent,
@@ -422,4 +423,31 @@ def test_a_link_pasted_into_a_logged_in_tab_opens_the_shared_view(
     expect(page.locator("#user-name")).to_have_text("tom")
     expect(page.locator("#shared-label")).to_be_hidden()
     expect(page.get_by_role("button", name="Analyze")).to_be_visible()
+    assert page_errors == []
+
+
+def test_a_finished_task_is_read_over_http_with_the_share_token(
+    server: ServerProcess,
+    open_viewer: Callable[..., tuple[Page, list[WebSocket]]],
+    page_errors: list[str],
+) -> None:
+    """A link to a finished task: its whole history and result, read with the share token."""
+    expect = _expect()
+    owner = register_over_http(server, "fay")
+    task = finished_external_task(server, owner, steps=3)  # seqs 1..6
+    link = share_over_http(server, owner, task["id"])
+    token = LINK.match(link)["token"]  # type: ignore[index]
+    viewer, _ = open_viewer()
+    reads: list[str | None] = []
+    viewer.on(
+        "request",
+        lambda r: reads.append(r.headers.get("authorization")) if "/events?" in r.url else None,
+    )
+    viewer.goto(link)
+    expect(viewer.locator("#task-status")).to_have_text("Completed")
+    expect(viewer.locator("#step-log li[data-event=completed]")).to_be_visible()
+    expect(viewer.locator("#task-result")).to_contain_text('"rows": 3')
+    assert [seq for e in log_entries(viewer) for seq in e["seqs"]] == [1, 2, 3, 4, 5, 6]
+    assert reads and set(reads) == {f"Bearer {token}"}
+    assert_read_only(viewer)
     assert page_errors == []
