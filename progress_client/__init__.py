@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 from .aio import AsyncClient, AsyncTask  # noqa: E402
 from .errors import ApiError, ProgressError, ServerUnreachable, WatchStopped  # noqa: E402
 from .models import TERMINAL_STATUSES, ApiKey, Event, ShareLink, Task, Update  # noqa: E402
-from .retry import Backoff  # noqa: E402
+from .retry import Backoff, RetryNotice  # noqa: E402
 from .sync import Client, SyncTask  # noqa: E402
 from .watcher import WatchSettings  # noqa: E402
 
@@ -30,6 +30,7 @@ __all__ = [
     "Client",
     "Event",
     "ProgressError",
+    "RetryNotice",
     "ServerUnreachable",
     "ShareLink",
     "SyncTask",

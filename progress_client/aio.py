@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,7 +27,7 @@ from .auth import Credentials, TokenSource
 from .errors import ApiError, ProgressError, ServerUnreachable
 from .models import ApiKey, Event, ShareLink, Task, Update
 from .reporter import Reporter
-from .retry import Backoff
+from .retry import Backoff, RetryNotice
 from .track import Progression
 from .watcher import WatchSettings, watch_task
 
@@ -88,6 +88,7 @@ class AsyncClient:
         backoff: delays between HTTP retries.
         watch: how `watch()` connects and reconnects.
         session: an aiohttp session to use (not closed by `close()`).
+        on_retry: called with a `RetryNotice` before each retry (for logs or metrics).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class AsyncClient:
         backoff: Backoff = Backoff(),
         watch: WatchSettings = WatchSettings(),
         session: aiohttp.ClientSession | None = None,
+        on_retry: Callable[[RetryNotice], None] | None = None,
     ) -> None:
         url = url or os.environ.get("PROGRESS_URL")
         if not url:
@@ -129,6 +131,7 @@ class AsyncClient:
         self.request_timeout = request_timeout
         self.backoff = backoff
         self.watch_settings = watch
+        self._on_retry = on_retry
         self._session = session
         self._own_session = session is None
         #: task id -> its Reporter; made on first report() (possibly on another thread).
@@ -245,6 +248,8 @@ class AsyncClient:
             if loop.time() + delay > deadline:
                 raise failure
             log.info("%s %s: %s; retry %d in %.2f s", method, path, failure, attempt, delay)
+            if self._on_retry is not None:
+                self._on_retry(RetryNotice(method, path, attempt, delay, failure))
             await asyncio.sleep(delay)
 
     async def _login(self, username: str, password: str) -> str:

@@ -34,3 +34,18 @@ class Backoff:
         if retry_after is None:
             return rand() * self.ceiling(attempt)
         return retry_after + rand() * min(self.ceiling(attempt), retry_after / 2)
+
+
+@dataclass(frozen=True)
+class RetryNotice:
+    """Told to an `on_retry` hook before the client waits and sends a request again."""
+
+    method: str
+    #: The path under /api/v1, e.g. "/tasks/3f6c.../progress".
+    path: str
+    #: 1 for the first retry of this call.
+    attempt: int
+    #: Seconds the client waits before sending again.
+    delay: float
+    #: Why: the ApiError (429, 503, ...) or ServerUnreachable of the attempt just made.
+    error: Exception

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,7 +22,7 @@ from .aio import AsyncClient, AsyncTask, _check_progress, describe_exception
 from .auth import TokenSource
 from .errors import ProgressError
 from .models import ApiKey, Event, ShareLink, Task, Update
-from .retry import Backoff
+from .retry import Backoff, RetryNotice
 from .track import Progression
 from .watcher import WatchSettings
 
@@ -107,8 +107,10 @@ class Client:
         request_timeout: float = 10.0,
         backoff: Backoff = Backoff(),
         watch: WatchSettings = WatchSettings(),
+        on_retry: Callable[[RetryNotice], None] | None = None,
     ) -> None:
         self._options: dict[str, Any] = dict(
+            on_retry=on_retry,
             api_key=api_key,
             token=token,
             username=username,
