@@ -23,7 +23,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,11 +281,25 @@ def load_or_create_secret(path: Path) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a valid token speaks for, through which session, and until when (epoch seconds)."""
+    """Who a valid token speaks for, through which session, and until when (epoch seconds).
+
+    `kind` is "login" (a user's access token: may do everything), "api_key" (limited to
+    `scopes`) or "share" (reads `task_id` and nothing else); see credentials.py.
+    """
 
     user_id: int
     session_id: str
     expires_at: float
+    kind: str = "login"
+    scopes: frozenset[str] = frozenset({"tasks:read", "tasks:write"})
+    task_id: str | None = None
+
+    @property
+    def connection_key(self) -> Hashable:
+        """What its sockets count under for --max-connections-per-user: the user, or for a
+        share token ("shared", the owner), so viewers of a shared link can neither take the
+        owner's own places nor hold more than the limit themselves."""
+        return ("shared", self.user_id) if self.kind == "share" else self.user_id
 
 
 class TokenService:

@@ -18,7 +18,7 @@ store and lets it go live again: the same merge as a subscribe with `last_seq`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol
 
 from .models import Event
@@ -50,6 +50,12 @@ class Peer(Protocol):
 
     def abort(self, reason: str) -> None:
         """Drop the peer at once, discarding anything unsent."""
+
+
+def limit_key(peer: Peer) -> Hashable:
+    """What a peer counts under for the per-user connection limit: its `limit_key` if it
+    has one (share-token viewers count apart from their owner's own sockets), else its user."""
+    return getattr(peer, "limit_key", peer.user_id)
 
 
 class Subscription:
@@ -142,12 +148,13 @@ class Hub:
         self._buffer_bytes = buffer_bytes
         #: Called with a subscription that saw a gap (set by the relay; None: no repair).
         self.on_gap: Callable[[Subscription], None] | None = None
-        #: Handshakes that passed the per-user limit and have not connected yet, by user.
-        self._reserved: dict[int, int] = {}
+        #: Handshakes that passed the per-user limit and have not connected yet, by the key
+        #: they count under (see `limit_key`).
+        self._reserved: dict[Hashable, int] = {}
         #: Every live peer, by id.
         self._peers: dict[str, Peer] = {}
-        #: Peer ids by user id.
-        self._by_user: dict[int, set[str]] = {}
+        #: Peer ids by the key they count under for the per-user limit.
+        self._by_user: dict[Hashable, set[str]] = {}
         #: task id -> peer id -> subscription.
         self._by_task: dict[str, dict[str, Subscription]] = {}
         #: peer id -> task id -> subscription (for cleanup on disconnect).
@@ -161,8 +168,11 @@ class Hub:
 
     # -- registry ------------------------------------------------------------------------
 
-    def reserve(self, user_id: int, limit: int) -> bool:
+    def reserve(self, user_id: Hashable, limit: int) -> bool:
         """Hold a place for a handshake of `user_id` under `limit` connections (0: none).
+
+        `user_id` is what the connection counts under (`limit_key`): the user, or for
+        connections opened with a share token ("shared", the owner).
 
         Taken before the upgrade, with no await since the check, and turned into the
         connection by `connect` (or given back by `cancel_reservation`): concurrent
@@ -174,7 +184,7 @@ class Hub:
         self._reserved[user_id] = self._reserved.get(user_id, 0) + 1
         return True
 
-    def cancel_reservation(self, user_id: int) -> None:
+    def cancel_reservation(self, user_id: Hashable) -> None:
         left = self._reserved.get(user_id, 0) - 1
         if left > 0:
             self._reserved[user_id] = left
@@ -183,10 +193,11 @@ class Hub:
 
     def connect(self, peer: Peer) -> None:
         """Register an open connection (turning its user's reservation, if any, into it)."""
-        if self._reserved.get(peer.user_id):
-            self.cancel_reservation(peer.user_id)
+        key = limit_key(peer)
+        if self._reserved.get(key):
+            self.cancel_reservation(key)
         self._peers[peer.id] = peer
-        self._by_user.setdefault(peer.user_id, set()).add(peer.id)
+        self._by_user.setdefault(key, set()).add(peer.id)
         self._by_peer[peer.id] = {}
 
     def disconnect(self, peer: Peer) -> list[str]:
@@ -194,11 +205,12 @@ class Hub:
         if self._peers.pop(peer.id, None) is None:
             return []
         self._dropped.discard(peer.id)
-        ids = self._by_user.get(peer.user_id)
+        key = limit_key(peer)
+        ids = self._by_user.get(key)
         if ids is not None:
             ids.discard(peer.id)
             if not ids:
-                del self._by_user[peer.user_id]
+                del self._by_user[key]
         subs = self._by_peer.pop(peer.id, {})
         for task_id in subs:
             self._remove_from_task(task_id, peer.id)
@@ -220,7 +232,7 @@ class Hub:
     def peers(self) -> list[Peer]:
         return list(self._peers.values())
 
-    def connections_of(self, user_id: int) -> int:
+    def connections_of(self, user_id: Hashable) -> int:
         return len(self._by_user.get(user_id, ()))
 
     # -- subscriptions -------------------------------------------------------------------

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import ApiError, NotFound, QuotaExceeded, TaskFinished, Unauthorized
+from .errors import ApiError, NotFound, QuotaExceeded, TaskFinished, Unauthorized, ValidationFailed
+from .idempotency import Answer, Claim
 from .models import Event, EventType, RawJson, Task, TaskState, TaskStatus
 
 #: Bytes a task row counts for the storage quota besides its params and result.
@@ -42,6 +43,14 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class ProgressBatch:
+    """Several progress updates of one task, applied in order as consecutive seqs: all of
+    them or (one refused) none."""
+
+    items: tuple[Progress, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Complete:
     result: RawJson | None = None
 
@@ -56,7 +65,7 @@ class Cancel:
     reason: str = "cancelled by user"
 
 
-Change = Progress | Complete | Fail | Cancel
+Change = Progress | ProgressBatch | Complete | Fail | Cancel
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,8 @@ class Request:
     #: The caller's user id, checked against the task's owner; None: the server itself.
     owner_id: int | None
     change: Create | Change
+    #: Its Idempotency-Key, if it came with one.
+    claim: Claim | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +100,9 @@ class TaskView(Protocol):
 
     def stored_bytes(self, user_id: int) -> int | None:
         """Bytes the user has stored (the quota's measure); None: no such user."""
+
+    def answer(self, claim: Claim) -> Answer | None:
+        """The stored answer of the claim's key (kept KEEP_SECONDS), if any."""
 
 
 @dataclass(slots=True)
@@ -119,6 +133,8 @@ class Outcome:
     error: ApiError | None = None
     #: The created task, for a Create.
     created: Task | None = None
+    #: An earlier answer to the same Idempotency-Key, given again (nothing was done).
+    replayed: Answer | None = None
 
 
 @dataclass(slots=True)
@@ -128,10 +144,25 @@ class Plan:
     #: Per user: change of unfinished tasks and of stored bytes, for the store's caches.
     unfinished_delta: dict[int, int]
     bytes_delta: dict[int, int]
+    #: Answers of idempotent requests to store with the plan (their keys' first use).
+    answers: list[tuple[Claim, Answer]] = field(default_factory=list)
 
     @property
     def accepted(self) -> int:
         return sum(1 for o in self.outcomes if o.error is None)
+
+
+def answer_of(change: Create | Change, outcome: Outcome, fingerprint: str = "") -> Answer:
+    """The HTTP answer of an accepted request: 201 and the task for a create; else 200 and
+    the last seq (a batch also names its first update's seq)."""
+    if isinstance(change, Create):
+        assert outcome.created is not None
+        return Answer(fingerprint, 201, outcome.created.to_json())
+    events = outcome.events
+    if isinstance(change, ProgressBatch):
+        progress = [e.seq for e in events if e.event is EventType.PROGRESS]
+        return Answer(fingerprint, 200, f'{{"seq":{events[-1].seq},"first_seq":{progress[0]}}}')
+    return Answer(fingerprint, 200, f'{{"seq":{events[-1].seq}}}')
 
 
 def _event(
@@ -305,7 +336,14 @@ class _Planner:
         change = request.change
         assert not isinstance(change, Create)
         try:
-            after, events = transition(state, change, self._clock())
+            if isinstance(change, ProgressBatch):
+                ts = self._clock()
+                after, events = state, []
+                for item in change.items:
+                    after, more = transition(after, item, ts)
+                    events.extend(more)
+            else:
+                after, events = transition(state, change, self._clock())
         except TaskFinished as exc:
             return Outcome(error=exc)
         added = sum(e.stored_bytes for e in events)
@@ -313,7 +351,7 @@ class _Planner:
         if isinstance(change, Complete):
             row_bytes = len((events[-1].result or "").encode())
         quota = self._quotas.max_stored_bytes
-        if isinstance(change, Progress) and quota:
+        if isinstance(change, Progress | ProgressBatch) and quota:
             # Progress may be refused for storage; a task can always be finished.
             after_bytes = self._bytes_after(state.user_id, added)
             if after_bytes is not None and after_bytes > quota:
@@ -322,7 +360,9 @@ class _Planner:
         write.state = after
         write.events.extend(events)
         write.row_bytes += row_bytes
-        if isinstance(change, Progress):
+        if isinstance(change, ProgressBatch):
+            write.set_message, write.message = True, change.items[-1].message
+        elif isinstance(change, Progress):
             write.set_message, write.message = True, change.message
             if change.checkpoint is not None:
                 write.set_checkpoint, write.checkpoint = True, change.checkpoint
@@ -349,13 +389,36 @@ def plan_batch(
     Pure but for `clock` (the time of each event) and the random ids of created tasks.
     """
     planner = _Planner(view, quotas, clock)
-    outcomes = [
-        planner.create(r.change) if isinstance(r.change, Create) else planner.change(r)
-        for r in requests
-    ]
+    answers: dict[tuple[int, str], Answer] = {}
+    outcomes: list[Outcome] = []
+    for request in requests:
+        claim = request.claim
+        if claim is not None:
+            earlier = answers.get((claim.user_id, claim.key)) or view.answer(claim)
+            if earlier is not None:
+                outcomes.append(_replay(claim, earlier))
+                continue
+        change = request.change
+        outcome = planner.create(change) if isinstance(change, Create) else planner.change(request)
+        outcomes.append(outcome)
+        if claim is not None and outcome.error is None:
+            # Refusals are not kept: a retry of a refused request is tried again.
+            answers[(claim.user_id, claim.key)] = answer_of(change, outcome, claim.fingerprint)
     return Plan(
         outcomes=outcomes,
         writes=planner.writes,
         unfinished_delta=planner.unfinished_delta,
         bytes_delta=planner.bytes_delta,
+        answers=[(Claim(u, k, a.fingerprint), a) for (u, k), a in answers.items()],
     )
+
+
+def _replay(claim: Claim, earlier: Answer) -> Outcome:
+    if earlier.fingerprint != claim.fingerprint:
+        return Outcome(
+            error=ValidationFailed(
+                "this Idempotency-Key was used for a different request; use a new key",
+                code="idempotency_key_reused",
+            )
+        )
+    return Outcome(replayed=earlier)

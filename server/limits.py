@@ -132,6 +132,16 @@ class KeyedBuckets:
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
         return bucket.take(now)
 
+    def waiting(self, key: Hashable, now: float) -> float:
+        """Seconds until `key` has a token (0.0: it has one now); takes nothing."""
+        if self.rate <= 0:
+            return 0.0
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        tokens = min(bucket.burst, bucket.tokens + (now - bucket.stamp) * bucket.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / bucket.rate
+
     def _sweep(self, now: float) -> None:
         for key in [k for k, b in self._buckets.items() if b.is_full(now)]:
             del self._buckets[key]

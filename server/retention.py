@@ -1,14 +1,15 @@
 """Retention: deletes old history in small transactions and keeps the SQLite file compact.
 
 Every `interval` seconds one run (on one node at a time: the store's `exclusive` lock) applies
-three rules, oldest data first:
+four rules, oldest data first:
 
 1. a finished task older than `task_retention` (by its finished_at) is deleted with its
    events and subscription rows: GET answers 404 from then on;
 2. a finished task older than `event_retention` keeps only its last event (the terminal
    one): its state is in the task row, and a client resuming from before gets a snapshot
    with "recovered": false;
-3. no task keeps more than `max_events_per_task` events: the oldest go, running tasks too.
+3. no task keeps more than `max_events_per_task` events: the oldest go, running tasks too;
+4. idempotency answers older than 24 h and share tokens that expired or were revoked go.
 
 0 switches a rule off. Running tasks are never touched by the age rules, and a task's
 latest event is never deleted while the task exists, so what is kept of a history is
@@ -33,8 +34,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from .idempotency import KEEP_SECONDS
 from .models import Event
-from .store import EventSpan, Store
+from .store import EventSpan, Grants, Store
+from .store.records import iso_time
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class RetentionReport:
     tasks_deleted: int = 0
     events_deleted: int = 0
     subscriptions_deleted: int = 0
+    #: Idempotency answers past 24 h and ended share tokens.
+    grants_deleted: int = 0
     #: Delete transactions committed (each at most `batch_rows` rows).
     transactions: int = 0
     #: Pages given back to the file system by incremental vacuum.
@@ -73,7 +78,12 @@ class RetentionReport:
 
     @property
     def rows_deleted(self) -> int:
-        return self.tasks_deleted + self.events_deleted + self.subscriptions_deleted
+        return (
+            self.tasks_deleted
+            + self.events_deleted
+            + self.subscriptions_deleted
+            + self.grants_deleted
+        )
 
 
 class _Stopped(Exception):
@@ -131,10 +141,13 @@ class Retention:
         interval: float,
         batch_rows: int = BATCH_ROWS,
         clock: Callable[[], datetime] = _utc_now,
+        grants: Grants | None = None,
     ) -> None:
         if batch_rows < 2:
             raise ValueError("batch_rows must be at least 2")
         self._store = store
+        #: API keys, share tokens and idempotency answers (rule 4); None: not purged.
+        self._grants = grants
         #: Seconds after finished_at; 0 = off.
         self.event_retention = event_retention
         #: Seconds after finished_at; 0 = off.
@@ -223,6 +236,8 @@ class Retention:
             await self._trim_finished(now, report)
         if self.max_events_per_task > 0:
             await self._cap_events(report)
+        if self._grants is not None:
+            await self._purge_grants(now, report)
         await self._compact(report)
         self.runs += 1
         log.log(
@@ -237,6 +252,18 @@ class Retention:
             time.perf_counter() - started,
         )
         return report
+
+    async def _purge_grants(self, now: datetime, report: RetentionReport) -> None:
+        """Rule 4: idempotency answers older than KEEP_SECONDS, share tokens that ended."""
+        assert self._grants is not None
+        before = iso_time((now - timedelta(seconds=KEEP_SECONDS)).timestamp())
+        while True:
+            deleted = await self._grants.purge(before, now.timestamp(), self._batch_rows)
+            report.grants_deleted += deleted
+            report.transactions += 1
+            if deleted < self._batch_rows:
+                return
+            await self._pause()
 
     async def _delete_old_tasks(self, cutoff: datetime, report: RetentionReport) -> None:
         """Rule 1: whole tasks, as many per transaction as fit in the row budget."""

@@ -119,6 +119,41 @@ class ReportProgress(Schema):
     message = fields.String(allow_none=True)
 
 
+#: Most updates in one batch progress post.
+MAX_BATCH_UPDATES = 100
+
+
+class ReportProgressBatch(Schema):
+    """`{"updates": [...]}`: consecutive progress updates, stored all or none."""
+
+    updates = fields.List(
+        fields.Nested(ReportProgress),
+        required=True,
+        validate=validate.Length(min=1, max=MAX_BATCH_UPDATES),
+    )
+
+
+class CreateApiKey(Schema):
+    name = WireString(100, required=True, validate=validate.Length(min=1))
+    scopes = fields.List(
+        fields.String(validate=validate.OneOf(["tasks:read", "tasks:write"])),
+        required=True,
+        validate=validate.Length(min=1, max=2),
+    )
+
+
+class ShareTask(Schema):
+    #: Seconds the token lasts: default a day, at most 30 days.
+    ttl_s = Number(validate=validate.Range(min=1, max=30 * 24 * 3600), load_default=24 * 3600)
+
+
+class StreamQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    last_seq = fields.Integer(validate=validate.Range(min=0), load_default=None)
+
+
 class CompleteTask(Schema):
     result = fields.Dict(keys=fields.String(), allow_none=True, load_default=None)
 

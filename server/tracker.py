@@ -38,6 +38,7 @@ from .lifecycle import (
     Fail,
     Outcome,
     Progress,
+    ProgressBatch,
     Quotas,
     Request,
 )
@@ -48,7 +49,16 @@ from .store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Cancel", "Complete", "Create", "Fail", "Progress", "Tracker"]
+__all__ = [
+    "Cancel",
+    "Complete",
+    "Create",
+    "Fail",
+    "Progress",
+    "ProgressBatch",
+    "Request",
+    "Tracker",
+]
 
 Listener = Callable[[Event], None]
 
@@ -141,7 +151,7 @@ class Tracker:
 
         `params` is the compact JSON text of an object (see `budget.compact`).
         """
-        outcome = await self._submit(Request("", None, Create(user_id, kind, params)), user_id)
+        outcome = await self.submit(Request("", None, Create(user_id, kind, params)), user_id)
         assert outcome.created is not None
         return outcome.created
 
@@ -186,10 +196,12 @@ class Tracker:
         """`owner_id` is checked against the task's owner (None: the server itself);
         `lane` is whose share of the queue the request takes (default: the owner's)."""
         lane_key = lane if lane is not None else (owner_id if owner_id is not None else 0)
-        outcome = await self._submit(Request(task_id, owner_id, change), lane_key)
+        outcome = await self.submit(Request(task_id, owner_id, change), lane_key)
         return outcome.events
 
-    async def _submit(self, request: Request, lane: int) -> Outcome:
+    async def submit(self, request: Request, lane: int) -> Outcome:
+        """Queue one request for the commit loop; its outcome once committed (an error is
+        raised; an idempotent replay comes back as `outcome.replayed`)."""
         if not self._accepting:
             raise Unavailable("server is shutting down", headers={"Retry-After": str(RETRY_AFTER)})
         waiting = self._lanes.get(lane)

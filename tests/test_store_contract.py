@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,21 @@ import pytest
 
 from server.config import PROJECT_ROOT
 from server.errors import NotFound, QuotaExceeded, TaskFinished, Unauthorized
-from server.lifecycle import Cancel, Complete, Create, Fail, Outcome, Progress, Quotas, Request
+from server.idempotency import Answer, Claim
+from server.lifecycle import (
+    Cancel,
+    Complete,
+    Create,
+    Fail,
+    Outcome,
+    Progress,
+    ProgressBatch,
+    Quotas,
+    Request,
+)
 from server.models import Event, Task, TaskStatus, utc_now
 from server.store import Backend, UsernameTaken, open_store
+from server.store.records import iso_time
 
 MIGRATIONS = PROJECT_ROOT / "migrations"
 NO_QUOTAS = Quotas()
@@ -625,3 +638,68 @@ async def test_ping_and_sizes(backend: Backend) -> None:
     await backend.store.ping()
     sizes = await backend.store.size_bytes()
     assert sizes["db"] > 0
+
+
+# -- idempotency and grants --------------------------------------------------------------
+
+
+async def test_an_idempotent_request_is_acted_on_once_and_then_replayed(backend: Backend) -> None:
+    """The first use stores its answer with the event; the same claim replays it (nothing
+    written); the same key for another request is refused; other users are separate."""
+    uid, other = await user(backend), await user(backend)
+    task = await new_task(backend, uid)
+    claim = Claim(uid, "k1", "fp-a")
+    request = Request(task.id, uid, Progress(10), claim)
+    (first,) = await apply(backend, request)
+    assert first.error is None and first.replayed is None and first.events[-1].seq == 3
+    (again,) = await apply(backend, request)
+    assert again.events == [] and again.replayed == Answer("fp-a", 200, '{"seq":3}')
+    (reused,) = await apply(backend, Request(task.id, uid, Progress(20), Claim(uid, "k1", "fp-b")))
+    assert reused.error is not None and reused.error.code == "idempotency_key_reused"
+    (theirs,) = await apply(
+        backend, Request("", other, Create(other, "job", "{}"), Claim(other, "k1", "x"))
+    )
+    assert theirs.error is None and theirs.created is not None
+    assert [e.seq for e in await all_events(backend, task.id)] == [1, 2, 3]
+
+
+async def test_a_claim_twice_in_one_batch_acts_once(backend: Backend) -> None:
+    """Two copies of one request in one transaction: the second gets the first's answer."""
+    uid = await user(backend)
+    task = await new_task(backend, uid)
+    request = Request(task.id, uid, ProgressBatch((Progress(1), Progress(2))), Claim(uid, "b", "f"))
+    first, second = await apply(backend, request, request)
+    assert [e.seq for e in first.events] == [2, 3, 4]
+    assert second.replayed == Answer("f", 200, '{"seq":4,"first_seq":3}')
+
+
+async def test_api_keys_and_shares_are_stored_listed_and_revoked(backend: Backend) -> None:
+    """Keys: listed while live, revoked once, by their owner only. Shares: counted while
+    live, revoked per task, purged with old idempotency answers once ended."""
+    grants = backend.grants
+    uid, other = await user(backend), await user(backend)
+    task = await new_task(backend, uid)
+    now = utc_now()
+    await grants.create_api_key("a" * 16, uid, "w", ("tasks:write",), "h1", now)
+    await grants.create_api_key("b" * 16, uid, "r", ("tasks:read",), "h2", now)
+    assert await grants.count_api_keys(uid) == 2
+    assert [k.name for k in await grants.list_api_keys(uid)] == ["w", "r"]
+    assert not await grants.revoke_api_key("a" * 16, other, now)
+    assert await grants.revoke_api_key("a" * 16, uid, now)
+    assert not await grants.revoke_api_key("a" * 16, uid, now)
+    revoked = await grants.get_api_key("a" * 16)
+    assert revoked is not None and revoked.revoked and revoked.scopes == ("tasks:write",)
+    await grants.touch_api_key("b" * 16, now)
+    (live,) = await grants.list_api_keys(uid)
+    assert live.last_used_at == now
+    soon = time.time() + 3600
+    await grants.create_share("c" * 16, task.id, uid, "h3", now, soon)
+    await grants.create_share("d" * 16, task.id, uid, "h4", now, time.time() - 1)
+    assert await grants.count_live_shares(task.id, time.time()) == 1
+    share = await grants.get_share("c" * 16)
+    assert share is not None and share.task_id == task.id and abs(share.expires_at - soon) < 0.01
+    assert sorted(await grants.revoke_shares(task.id, now)) == ["c" * 16, "d" * 16]
+    await apply(backend, Request(task.id, uid, Progress(5), Claim(uid, "old", "f")))
+    purged = await grants.purge(iso_time(time.time() + 1), time.time(), 100)
+    assert purged == 3  # two shares (revoked, expired) and the answer
+    assert await grants.get_share("c" * 16) is None

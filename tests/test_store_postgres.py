@@ -18,12 +18,14 @@ import asyncpg
 import pytest
 
 from server.errors import QuotaExceeded
+from server.idempotency import Claim
 from server.lifecycle import Complete, Create, Progress, Quotas, Request
 from server.models import Event, utc_now
 from server.retention import Retention
 from server.store import Backend, StoreUnavailable
 from server.store.postgres import open_postgres
 from server.store.postgres_db import DatabaseError, migrate, open_database
+from server.store.postgres_writes import IdempotencyRace
 from server.tracker import Tracker
 
 from .pg import MIGRATIONS, PASSWORD, PostgresServer, free_port
@@ -328,3 +330,24 @@ async def test_a_transaction_aborted_as_a_deadlock_runs_again(pg_url: str) -> No
         assert [tuple(row) for row in rows] == [("a", "2"), ("b", "2")]
     finally:
         await db.close()
+
+
+async def test_one_idempotency_key_on_two_nodes_at_once_acts_once(pg_url: str) -> None:
+    """The same claimed create committed by two nodes concurrently (no row lock orders
+    them): one task; a loser is replayed, or rolled back (IdempotencyRace) and its retry
+    replayed."""
+    async with nodes(pg_url) as (a, b):
+        uid = (await a.accounts.create_user("alice", "h", utc_now())).id
+        request = Request("", uid, Create(uid, "job", "{}"), Claim(uid, "once", "fp"))
+        results = await asyncio.gather(
+            *(node.store.apply([request], NO_QUOTAS, utc_now) for node in (a, b) for _ in range(4)),
+            return_exceptions=True,
+        )
+        outcomes = [r.outcomes[0] for r in results if not isinstance(r, BaseException)]
+        created = [o.created for o in outcomes if o.created is not None]
+        assert len(created) == 1
+        assert all(o.replayed is not None for o in outcomes if o.created is None)
+        assert all(isinstance(r, IdempotencyRace) for r in results if isinstance(r, BaseException))
+        (retry,) = (await b.store.apply([request], NO_QUOTAS, utc_now)).outcomes
+        assert retry.replayed is not None and created[0].id in retry.replayed.body
+        assert await a.store.count_unfinished(["job"]) == 1

@@ -246,7 +246,11 @@ class Grants(Protocol):
     async def get_share(self, share_id: str) -> ShareRecord | None: ...
 
     async def revoke_shares(self, task_id: str, at: str) -> list[str]:
-        """End every live share token of the task; returns their ids."""
+        """End every share token of the task not revoked yet; returns their ids."""
+
+    async def purge(self, answers_before: str, now: float, limit: int) -> int:
+        """Delete up to `limit` idempotency answers stored before `answers_before` and share
+        tokens expired or revoked by `now`; returns how many rows went (retention)."""
 
 
 @dataclass

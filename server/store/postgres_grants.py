@@ -106,6 +106,24 @@ class PostgresGrants:
 
         return await self._db.write(revoke)
 
+    async def purge(self, answers_before: str, now: float, limit: int) -> int:
+        async def purge(conn: asyncpg.Connection) -> int:
+            answers = await conn.execute(
+                "DELETE FROM idempotency_keys WHERE (user_id, key) IN (SELECT user_id, key"
+                " FROM idempotency_keys WHERE created_at < $1 LIMIT $2)",
+                answers_before,
+                limit,
+            )
+            shares = await conn.execute(
+                "DELETE FROM share_tokens WHERE id IN (SELECT id FROM share_tokens"
+                " WHERE expires_at <= $1 OR revoked_at IS NOT NULL LIMIT $2)",
+                iso_time(now),
+                limit,
+            )
+            return int(answers.split()[-1]) + int(shares.split()[-1])
+
+        return await self._db.write(purge)
+
 
 def _key(row: asyncpg.Record) -> ApiKeyRecord:
     return ApiKeyRecord(

@@ -25,14 +25,17 @@ migrations/postgres/0001_initial.sql), and the rare deadlock left is retried by
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 
+from ..idempotency import KEEP_SECONDS, Answer, Claim
 from ..lifecycle import Create, Plan, Quotas, Request, TaskWrite, plan_batch
 from ..models import TaskState, TaskStatus
 from .postgres_db import PostgresDatabase
+from .records import iso_time
 
 _LOCK_TASKS = (
     "SELECT id, user_id, kind, status, progress, step, seq, created_at, updated_at,"
@@ -88,6 +91,29 @@ WITH new_tasks AS (
 SELECT 1
 """
 _INSERT_COLUMNS, _UPDATE_COLUMNS, _EVENT_COLUMNS = 17, 15, 11
+_READ_ANSWERS = (
+    "SELECT k.user_id, k.key, k.fingerprint, k.status, k.body FROM idempotency_keys k"
+    " JOIN unnest($1::bigint[], $2::text[]) AS c(user_id, key)"
+    " ON k.user_id = c.user_id AND k.key = c.key WHERE k.created_at > $3"
+)
+#: A key another node stored meanwhile (its transaction committed while we planned) is
+#: not overwritten: fewer rows come back, and the batch is rolled back and retried.
+_STORE_ANSWERS = """
+INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, created_at)
+SELECT u.user_id, u.key, u.fingerprint, u.status, u.body, $6
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::text[])
+    AS u(user_id, key, fingerprint, status, body)
+ON CONFLICT (user_id, key) DO UPDATE SET
+    fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status, body = EXCLUDED.body,
+    created_at = EXCLUDED.created_at
+WHERE idempotency_keys.created_at <= $7
+RETURNING 1
+"""
+
+
+class IdempotencyRace(Exception):
+    """Another node stored an answer for a key of this batch first: retry the batch (the
+    tracker then plans each request alone, and this one is answered from that answer)."""
 
 
 def number(value: float) -> float:
@@ -120,6 +146,8 @@ class _View:
         self._tasks = tasks
         self._stored = stored
         self._unfinished = unfinished
+        #: Stored answers of the batch's idempotency keys, read before planning.
+        self.answers: dict[tuple[int, str], Answer] = {}
 
     def task(self, task_id: str) -> TaskState | None:
         return self._tasks.get(task_id)
@@ -129,6 +157,9 @@ class _View:
 
     def stored_bytes(self, user_id: int) -> int | None:
         return self._stored.get(user_id)
+
+    def answer(self, claim: Claim) -> Answer | None:
+        return self.answers.get((claim.user_id, claim.key))
 
 
 async def plan_and_write(
@@ -154,7 +185,29 @@ async def plan_and_write(
     counted = [user_id for user_id in sorted(creators) if user_id in stored]
     if quotas.max_unfinished_tasks and counted:
         unfinished = {row[0]: row[1] for row in await conn.fetch(_COUNT_UNFINISHED, counted)}
-    plan = plan_batch(requests, _View(tasks, stored, unfinished), quotas, clock)
+    view = _View(tasks, stored, unfinished)
+    claims = [r.claim for r in requests if r.claim is not None]
+    if claims:
+        cutoff = iso_time(time.time() - KEEP_SECONDS)
+        rows = await conn.fetch(
+            _READ_ANSWERS, [c.user_id for c in claims], [c.key for c in claims], cutoff
+        )
+        view.answers = {(r[0], r[1]): Answer(r[2], r[3], r[4]) for r in rows}
+    plan = plan_batch(requests, view, quotas, clock)
+    if plan.answers:
+        answers = plan.answers
+        stored_rows = await conn.fetch(
+            _STORE_ANSWERS,
+            [c.user_id for c, _ in answers],
+            [c.key for c, _ in answers],
+            [a.fingerprint for _, a in answers],
+            [a.status for _, a in answers],
+            [a.body for _, a in answers],
+            clock(),
+            iso_time(time.time() - KEEP_SECONDS),
+        )
+        if len(stored_rows) != len(answers):
+            raise IdempotencyRace("an idempotency key of this batch was stored meanwhile")
     if plan.writes:
         await conn.execute(_WRITE_PLAN, *_plan_arguments(plan))
     return plan

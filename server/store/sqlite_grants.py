@@ -88,6 +88,22 @@ class SQLiteGrants:
 
         return await self._db.write(revoke)
 
+    async def purge(self, answers_before: str, now: float, limit: int) -> int:
+        def purge(conn):  # type: ignore[no-untyped-def]
+            answers = conn.execute(
+                "DELETE FROM idempotency_keys WHERE (user_id, key) IN (SELECT user_id, key"
+                " FROM idempotency_keys WHERE created_at < ? LIMIT ?)",
+                (answers_before, limit),
+            ).rowcount
+            shares = conn.execute(
+                "DELETE FROM share_tokens WHERE id IN (SELECT id FROM share_tokens"
+                " WHERE expires_at <= ? OR revoked_at IS NOT NULL LIMIT ?)",
+                (iso_time(now), limit),
+            ).rowcount
+            return answers + shares
+
+        return await self._db.write(purge)
+
 
 def _key(row: object) -> ApiKeyRecord:
     return ApiKeyRecord(

@@ -21,9 +21,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..idempotency import KEEP_SECONDS, Answer, Claim
 from ..lifecycle import Plan, Quotas, Request, TaskWrite, plan_batch
 from ..models import TaskState, TaskStatus
-from .records import StoreUnavailable
+from .records import StoreUnavailable, iso_time
 from .sqlite_db import Database
 
 #: Unfinished tasks whose state is cached (about 300 bytes each).
@@ -124,6 +125,14 @@ class _View:
         self._writer.remember_bytes(user_id, row[0])
         return int(row[0])
 
+    def answer(self, claim: Claim) -> Answer | None:
+        row = self._conn.execute(
+            "SELECT fingerprint, status, body FROM idempotency_keys"
+            " WHERE user_id = ? AND key = ? AND created_at > ?",
+            (claim.user_id, claim.key, iso_time(time.time() - KEEP_SECONDS)),
+        ).fetchone()
+        return None if row is None else Answer(row[0], row[1], row[2])
+
 
 class TaskWriter:
     """Plans and writes batches of task changes on the writer thread; owns its caches."""
@@ -151,6 +160,18 @@ class TaskWriter:
         def transaction(conn: sqlite3.Connection) -> Plan:
             plan = plan_batch(requests, _View(conn, self), quotas, clock)
             self._write(conn, plan.writes.values(), plan.bytes_delta)
+            if plan.answers:
+                at = clock()
+                # REPLACE: an expired answer (not yet deleted by retention) gives way.
+                conn.executemany(
+                    "INSERT OR REPLACE INTO idempotency_keys"
+                    " (user_id, key, fingerprint, status, body, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (c.user_id, c.key, a.fingerprint, a.status, a.body, at)
+                        for c, a in plan.answers
+                    ],
+                )
             return plan
 
         try:

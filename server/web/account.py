@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .. import schemas
 from ..auth import HashBusy, bearer_token
+from ..credentials import is_credential
 from ..errors import BadRequest, Conflict, Forbidden, TooManyRequests, Unauthorized
 from ..models import utc_now
 from ..store import UsernameTaken
@@ -142,6 +143,8 @@ async def refresh(request: web.Request) -> web.Response:
     token = bearer_token(request.headers.get("Authorization"))
     if token is None:
         raise Unauthorized("missing bearer token", code="missing_token")
+    if is_credential(token):
+        raise Forbidden("only a login token can be refreshed", code="insufficient_scope")
     tokens, sessions = request.app[tokens_key], request.app[sessions_key]
     try:
         identity = tokens.verify(token)
@@ -161,6 +164,7 @@ async def refresh(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/auth/me")
 async def me(request: web.Request) -> web.Response:
+    """The user a login token or API key acts for."""
     identity = await authenticate(request, allow_query=False)
     user = await request.app[accounts_key].get_user(identity.user_id)
     if user is None:
@@ -172,7 +176,7 @@ async def me(request: web.Request) -> web.Response:
 @reads_own_body
 async def logout(request: web.Request) -> web.Response:
     """End the token's session (`?all=true`: every session of the user); 204."""
-    identity = await authenticate(request, allow_query=False)
+    identity = await authenticate(request, allow_query=False, login_only=True)
     query = validate(_LOGOUT_QUERY, dict(request.query))
     await read_small_body(request)
     sessions = request.app[sessions_key]
@@ -187,7 +191,7 @@ async def logout(request: web.Request) -> web.Response:
 @reads_own_body
 async def change_password(request: web.Request) -> web.Response:
     """{current_password, new_password}: set the new one and end every session; 204."""
-    identity = await authenticate(request, allow_query=False)
+    identity = await authenticate(request, allow_query=False, login_only=True)
     limit_attempts(request)
     data = validate(_CHANGE_PASSWORD, json_object(await read_small_body(request)))
     accounts, passwords = request.app[accounts_key], request.app[passwords_key]

@@ -8,17 +8,19 @@ import time
 from typing import Any
 
 from aiohttp import web
-from marshmallow import Schema
 
 from .. import budget, schemas
 from ..auth import Identity
+from ..credentials import READ, WRITE
 from ..errors import (
     NotFound,
     TooManyRequests,
     ValidationFailed,
 )
+from ..idempotency import Claim, fingerprint, valid_key
+from ..lifecycle import Change, Create, Outcome, answer_of
 from ..models import ACTIVE_STATUSES, Task, TaskStatus, dumps
-from ..tracker import Progress
+from ..tracker import Cancel, Complete, Fail, Progress, ProgressBatch, Request
 from .bodies import json_object, read_body, validate
 from .guards import authenticate
 from .keys import (
@@ -42,17 +44,22 @@ _LIST_EVENTS_QUERY = schemas.ListEventsQuery()
 _LIST_SUBSCRIPTIONS_QUERY = schemas.ListSubscriptionsQuery()
 _LIST_TASKS_QUERY = schemas.ListTasksQuery()
 _REPORT_PROGRESS = schemas.ReportProgress()
+_REPORT_PROGRESS_BATCH = schemas.ReportProgressBatch()
 _STOCK_PARAMS = schemas.StockParams()
 
 
-async def _body(
-    request: web.Request, schema: Schema, *, allow_empty: bool = False
-) -> dict[str, Any]:
-    return validate(schema, json_object(await read_body(request), allow_empty=allow_empty))
+async def _object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
+    return json_object(await read_body(request), allow_empty=allow_empty)
 
 
-async def _caller(request: web.Request) -> Identity:
-    return await authenticate(request, allow_query=False)
+async def _reader(request: web.Request) -> Identity:
+    """The caller of a read route: `tasks:read`; a share token may read its own task."""
+    return await authenticate(request, allow_query=False, scope=READ, allow_share=True)
+
+
+async def _writer(request: web.Request) -> Identity:
+    """The caller of a write route: `tasks:write` (never a share token)."""
+    return await authenticate(request, allow_query=False, scope=WRITE)
 
 
 async def _owned_task(request: web.Request, identity: Identity) -> Task:
@@ -60,6 +67,40 @@ async def _owned_task(request: web.Request, identity: Identity) -> Task:
     if task is None or task.user_id != identity.user_id:
         raise NotFound("task not found")  # the same for another user's task
     return task
+
+
+def _claim(request: web.Request, identity: Identity, body: Any) -> Claim | None:
+    """The request's `Idempotency-Key`, if it has one (422 if it is not 1-255 printable
+    ASCII characters)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not valid_key(key):
+        raise ValidationFailed(
+            "invalid Idempotency-Key",
+            fields={"Idempotency-Key": ["1 to 255 printable ASCII characters."]},
+        )
+    return Claim(identity.user_id, key, fingerprint(request.method, request.path, body))
+
+
+async def _perform(
+    request: web.Request,
+    identity: Identity,
+    task_id: str,
+    change: Create | Change,
+    claim: Claim | None,
+) -> tuple[Outcome, web.Response]:
+    """Commit one change (or replay the first answer to its idempotency key)."""
+    outcome = await request.app[tracker_key].submit(
+        Request(task_id, identity.user_id, change, claim), identity.user_id
+    )
+    if outcome.replayed is not None:
+        answer = outcome.replayed
+        response = _json(answer.body, status=answer.status)
+        response.headers["Idempotent-Replayed"] = "true"
+        return outcome, response
+    answer = answer_of(change, outcome)
+    return outcome, _json(answer.body, status=answer.status)
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -104,38 +145,43 @@ def _check_create_rate(request: web.Request, identity: Identity) -> None:
 
 
 async def _create(
-    request: web.Request, identity: Identity, kind: str, params: dict[str, Any]
+    request: web.Request, identity: Identity, kind: str, params: dict[str, Any], body: Any
 ) -> web.Response:
     jobs = request.app[jobs_key]
     if jobs.is_builtin(kind):
         params = validate(_STOCK_PARAMS, params)
         params["code"] = params["code"].upper()
     raw = _raw_json(request, "params", params)
-    task = await request.app[tracker_key].create_task(identity.user_id, kind, raw)
-    if jobs.is_builtin(kind):
-        jobs.start(task)
-    return _json(task.to_json(), status=201)
+    claim = _claim(request, identity, body)
+    outcome, response = await _perform(
+        request, identity, "", Create(identity.user_id, kind, raw), claim
+    )
+    if jobs.is_builtin(kind) and outcome.created is not None:
+        jobs.start(outcome.created)
+    return response
 
 
 @routes.post("/api/v1/tasks")
 async def create_task(request: web.Request) -> web.Response:
-    identity = await _caller(request)
+    identity = await _writer(request)
     _check_create_rate(request, identity)
-    data = await _body(request, _CREATE_TASK)
-    return await _create(request, identity, data["kind"], data["params"])
+    body = await _object(request)
+    data = validate(_CREATE_TASK, body)
+    return await _create(request, identity, data["kind"], data["params"], body)
 
 
 @routes.post("/api/v1/stock/analyze")
 async def analyze_stock(request: web.Request) -> web.Response:
-    identity = await _caller(request)
+    identity = await _writer(request)
     _check_create_rate(request, identity)
-    data = await _body(request, _STOCK_PARAMS)
-    return await _create(request, identity, schemas.STOCK_ANALYSIS, data)
+    body = await _object(request)
+    data = validate(_STOCK_PARAMS, body)
+    return await _create(request, identity, schemas.STOCK_ANALYSIS, data, body)
 
 
 @routes.get("/api/v1/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
-    identity = await _caller(request)
+    identity = await authenticate(request, allow_query=False, scope=READ)
     query = validate(_LIST_TASKS_QUERY, dict(request.query))
     status = query["status"]
     statuses = (
@@ -159,23 +205,19 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/tasks/{task_id}")
 async def get_task(request: web.Request) -> web.Response:
-    task = await _owned_task(request, await _caller(request))
+    task = await _owned_task(request, await _reader(request))
     return _json(task.to_json())
 
 
 @routes.get("/api/v1/tasks/{task_id}/events")
 async def list_events(request: web.Request) -> web.Response:
-    identity = await _caller(request)
+    identity = await _reader(request)
     query = validate(_LIST_EVENTS_QUERY, dict(request.query))
     task = await _owned_task(request, identity)
     page = await request.app[store_key].list_events(task.id, query["after_seq"], query["limit"])
     following = page.events[-1].seq if page.more else None
     items = ",".join(e.to_json() for e in page.events)
     return _json(f'{{"events":[{items}],"next_after_seq":{dumps(following)}}}')
-
-
-def _seq_response(events: list[Any]) -> web.Response:
-    return web.json_response({"seq": events[-1].seq})
 
 
 def _check_task_rate(request: web.Request, identity: Identity) -> None:
@@ -199,54 +241,66 @@ def _check_task_rate(request: web.Request, identity: Identity) -> None:
 
 @routes.post("/api/v1/tasks/{task_id}/progress")
 async def report_progress(request: web.Request) -> web.Response:
-    identity = await _caller(request)
+    """One update `{progress, step?, message?}`, or a batch `{"updates": [...]}`."""
+    identity = await _writer(request)
     _check_task_rate(request, identity)
-    data = await _body(request, _REPORT_PROGRESS)
-    _check_message(request, data.get("message"))
-    events = await request.app[tracker_key].report_progress(
-        request.match_info["task_id"],
-        Progress(progress=data["progress"], step=data.get("step"), message=data.get("message")),
-        owner_id=identity.user_id,
-    )
-    return _seq_response(events)
+    body = await _object(request)
+    change: Change
+    if "updates" in body:
+        data = validate(_REPORT_PROGRESS_BATCH, body)
+        items = []
+        for item in data["updates"]:
+            _check_message(request, item.get("message"))
+            items.append(_progress(item))
+        change = ProgressBatch(tuple(items))
+    else:
+        data = validate(_REPORT_PROGRESS, body)
+        _check_message(request, data.get("message"))
+        change = _progress(data)
+    return await _change(request, identity, change, body)
+
+
+def _progress(data: dict[str, Any]) -> Progress:
+    return Progress(progress=data["progress"], step=data.get("step"), message=data.get("message"))
+
+
+async def _change(
+    request: web.Request, identity: Identity, change: Change, body: Any
+) -> web.Response:
+    claim = _claim(request, identity, body)
+    _, response = await _perform(request, identity, request.match_info["task_id"], change, claim)
+    return response
 
 
 @routes.post("/api/v1/tasks/{task_id}/complete")
 async def complete_task(request: web.Request) -> web.Response:
-    identity = await _caller(request)
-    data = await _body(request, _COMPLETE_TASK, allow_empty=True)
-    result = data.get("result")
+    identity = await _writer(request)
+    body = await _object(request, allow_empty=True)
+    result = validate(_COMPLETE_TASK, body).get("result")
     raw = None if result is None else _raw_json(request, "result", result)
-    events = await request.app[tracker_key].complete(
-        request.match_info["task_id"], raw, owner_id=identity.user_id
-    )
-    return _seq_response(events)
+    return await _change(request, identity, Complete(raw), body)
 
 
 @routes.post("/api/v1/tasks/{task_id}/fail")
 async def fail_task(request: web.Request) -> web.Response:
-    identity = await _caller(request)
-    data = await _body(request, _FAIL_TASK)
-    events = await request.app[tracker_key].fail(
-        request.match_info["task_id"], data["error"], owner_id=identity.user_id
-    )
-    return _seq_response(events)
+    identity = await _writer(request)
+    body = await _object(request)
+    data = validate(_FAIL_TASK, body)
+    return await _change(request, identity, Fail(data["error"]), body)
 
 
 @routes.post("/api/v1/tasks/{task_id}/cancel")
 async def cancel_task(request: web.Request) -> web.Response:
-    identity = await _caller(request)
-    await _body(request, _EMPTY, allow_empty=True)
-    events = await request.app[tracker_key].cancel(
-        request.match_info["task_id"], owner_id=identity.user_id
-    )
-    return _seq_response(events)
+    identity = await _writer(request)
+    body = await _object(request, allow_empty=True)
+    validate(_EMPTY, body)
+    return await _change(request, identity, Cancel(), body)
 
 
 @routes.get("/api/v1/subscriptions")
 async def list_subscriptions(request: web.Request) -> web.Response:
     """The caller's subscription history, newest first (the demo page's "resume" hint)."""
-    identity = await _caller(request)
+    identity = await authenticate(request, allow_query=False, scope=READ)
     query = validate(_LIST_SUBSCRIPTIONS_QUERY, dict(request.query))
     records = await request.app[store_key].list_subscriptions(identity.user_id, query["limit"])
     return web.json_response({"subscriptions": [r.to_dict() for r in records]})

@@ -15,6 +15,8 @@ from ..admission import Admission, LoopLag
 from ..auth import LoginThrottle, Passwords, TokenService, load_or_create_secret
 from ..broker import open_broker
 from ..config import Config
+from ..credentials import CACHE_TTL as CREDENTIALS_CACHE_TTL
+from ..credentials import Credentials
 from ..errors import ApiError
 from ..hub import Hub
 from ..jobs import JobRunner
@@ -28,7 +30,7 @@ from ..sessions import SessionService
 from ..store import StoreUnavailable, open_store
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
-from . import account, api, ws
+from . import account, api, grants, sse, ws
 from .guards import parse_networks
 from .keys import (
     accounts_key,
@@ -37,6 +39,7 @@ from .keys import (
     broker_key,
     config_key,
     create_rate_key,
+    credentials_key,
     db_key,
     history_key,
     hub_key,
@@ -196,6 +199,9 @@ def _services(
         sessions = SessionService(accounts, config.session_max_age)
         sessions.add_listener(_session_closer(app))
         app[sessions_key] = sessions
+        credentials = Credentials(backend.grants)
+        credentials.add_listener(_session_closer(app))
+        app[credentials_key] = credentials
         passwords = Passwords(
             config.password_hash_cost,
             workers=config.password_hash_workers,
@@ -249,6 +255,7 @@ def _services(
             task_retention=config.task_retention,
             max_events_per_task=config.max_events_per_task,
             interval=config.retention_interval,
+            grants=backend.grants,
         )
         relay.add_listener(retention.on_event)
         if backend.sqlite is not None:
@@ -271,13 +278,16 @@ def _services(
         lag.start()
         await history.start()
         retention.start()
-        sessions.start(lambda: {getattr(peer, "session_id", None) for peer in hub.peers()})
+        sessions.start(lambda: _open_sessions(hub, login=True))
         await relay.start()
         # Resumed gradually in the background; server.ready (serve.py, once bound) says how
         # many are queued.
         app[resumed_jobs_key] = await store.count_unfinished(jobs.kinds)
         jobs.resume_unfinished()
-        background = [asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat")]
+        background = [
+            asyncio.create_task(_heartbeat_loop(hub, config), name="heartbeat"),
+            asyncio.create_task(_credential_sweep_loop(credentials, hub), name="credentials"),
+        ]
         if backend.sqlite is not None:
             background.append(
                 asyncio.create_task(backend.sqlite.run_checkpoints(), name="wal-checkpoints")
@@ -301,6 +311,22 @@ def _services(
             log.info("server.stopped")
 
     return services
+
+
+def _open_sessions(hub: Hub, *, login: bool) -> set[str]:
+    """The `session_id`s of open sockets: of login sessions, or of API keys and shares."""
+    ids = {getattr(peer, "session_id", "") for peer in hub.peers()}
+    return {i for i in ids if i and (":" not in i) == login}
+
+
+async def _credential_sweep_loop(credentials: Credentials, hub: Hub) -> None:
+    """Close the sockets of API keys and share tokens revoked on another node, or expired."""
+    while True:
+        await asyncio.sleep(CREDENTIALS_CACHE_TTL)
+        try:
+            await credentials.sweep(_open_sessions(hub, login=False))
+        except Exception:  # a busy database: try again next time
+            log.exception("credentials.sweep_failed")
 
 
 def _session_closer(app: web.Application) -> Callable[[set[str]], None]:
@@ -370,7 +396,12 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", metrics_handler(metrics, config.metrics_token))
     app.router.add_get("/api/v1/ws", ws.multi_task_socket)
     app.router.add_get("/api/v1/stock/ws/analyze/{task_id}", ws.task_socket)
-    api_routes = app.router.add_routes(account.routes) + app.router.add_routes(api.routes)
+    api_routes = [
+        *app.router.add_routes(account.routes),
+        *app.router.add_routes(api.routes),
+        *app.router.add_routes(grants.routes),
+        *app.router.add_routes(sse.routes),
+    ]
     app.router.add_get("/", index)
     if config.static_dir.is_dir():
         app.router.add_static("/static/", config.static_dir, name="static")
@@ -381,9 +412,9 @@ def create_app(config: Config) -> web.Application:
         defaults={
             origin: aiohttp_cors.ResourceOptions(
                 allow_credentials=False,
-                expose_headers=("Retry-After",),
-                allow_headers=("Authorization", "Content-Type"),
-                allow_methods=("GET", "POST"),
+                expose_headers=("Retry-After", "Idempotent-Replayed"),
+                allow_headers=("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"),
+                allow_methods=("GET", "POST", "DELETE"),
                 max_age=600,
             )
             for origin in config.allowed_origins

@@ -19,6 +19,7 @@ import socket
 import struct
 import uuid
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -82,6 +83,7 @@ class Connection:
         user_id: int,
         *,
         session_id: str = "",
+        limit_key: Hashable | None = None,
         max_messages: int,
         max_bytes: int,
         stats: ConnectionStats | None = None,
@@ -93,6 +95,8 @@ class Connection:
         self.user_id = user_id
         #: The login session of the token that opened it: closed 4401 when that ends.
         self.session_id = session_id
+        #: What it counts under for the per-user connection limit (hub.limit_key).
+        self.limit_key: Hashable = user_id if limit_key is None else limit_key
         self.last_seen = loop.time()
         self.ping_sent_at: float | None = None
         #: Close code and reason the server chose (None: the client closed or vanished).

@@ -1,6 +1,7 @@
 """Checks run before a handler does any work: who is calling, from where, how often, how much.
 
-- `authenticate`: the bearer token (or, for WebSockets, `?token=`), then its session.
+- `authenticate`: the bearer token (or, for WebSockets and SSE, `?token=`): a login token
+  and its session, an API key or a share token; then the route's scope.
 - `client_address`: the caller's address, believing X-Forwarded-For only from
   `--trusted-proxies`; `rate_key` groups an IPv6 /64 (one host's usual allocation).
 - `limit_attempts`: `--auth-rate`, attempts per client address per minute.
@@ -20,10 +21,12 @@ from collections.abc import Iterable, Sequence
 from aiohttp import web
 
 from ..auth import Identity, bearer_token
-from ..errors import PayloadTooLarge, TooManyRequests, Unauthorized
+from ..credentials import is_credential
+from ..errors import Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized
 from .keys import (
     auth_rate_key,
     config_key,
+    credentials_key,
     metrics_key,
     sessions_key,
     tokens_key,
@@ -42,8 +45,21 @@ FORM_FIELDS_MAX = 16
 _HOP_CHARS = 64
 
 
-async def authenticate(request: web.Request, *, allow_query: bool) -> Identity:
-    """The caller's identity from `Authorization: Bearer` or (WebSocket only) `?token=`.
+async def authenticate(
+    request: web.Request,
+    *,
+    allow_query: bool,
+    scope: str | None = None,
+    login_only: bool = False,
+    allow_share: bool = False,
+) -> Identity:
+    """The caller's identity from `Authorization: Bearer` or (WebSocket, SSE) `?token=`.
+
+    The token is a login JWT, an API key (`pk_…`) or a share token (`st_…`). `scope` is
+    what the route needs (403 `insufficient_scope` without it); `login_only` routes
+    (managing keys, the account) refuse keys and share tokens; a share token is refused
+    (403) unless `allow_share`, and on a route of another task answers 404 like a task
+    that does not exist.
 
     Raises Unauthorized: no token (`missing_token`), a bad one (`invalid_token`,
     `token_expired`), or one whose session was logged out or has ended.
@@ -53,9 +69,53 @@ async def authenticate(request: web.Request, *, allow_query: bool) -> Identity:
         token = request.query.get("token") or None
     if token is None:
         raise Unauthorized("missing bearer token", code="missing_token")
-    identity = request.app[tokens_key].verify(token)
-    await request.app[sessions_key].check(identity)
+    if is_credential(token):
+        identity = await _identify_credential(request, token)
+    else:
+        identity = request.app[tokens_key].verify(token)
+        await request.app[sessions_key].check(identity)
+    if identity.kind == "login":
+        return identity
+    if login_only:
+        raise Forbidden(
+            "this route needs a login token, not an API key or share token",
+            code="insufficient_scope",
+        )
+    if identity.kind == "share":
+        if not allow_share:
+            raise Forbidden("a share token reads its one task only", code="insufficient_scope")
+        route_task = request.match_info.get("task_id")
+        if route_task is not None and route_task != identity.task_id:
+            raise NotFound("task not found")
+    if scope is not None and scope not in identity.scopes:
+        raise Forbidden(f"this credential lacks the {scope} scope", code="insufficient_scope")
     return identity
+
+
+async def _identify_credential(request: web.Request, token: str) -> Identity:
+    """An API key or share token; wrong ones spend the address's `--auth-rate` attempts,
+    so guessing costs the guesser a 429, not the database a read per guess."""
+    buckets = request.app[auth_rate_key]
+    key = rate_key(peer_address(request)) if buckets.rate > 0 else None
+    now = time.monotonic()
+    if key is not None:
+        wait = buckets.waiting(key, now)
+        if wait > 0.0:
+            raise _too_many_guesses(request, wait)
+    try:
+        return await request.app[credentials_key].identify(token)
+    except Unauthorized:
+        if key is not None:
+            buckets.take(key, now)
+        raise
+
+
+def _too_many_guesses(request: web.Request, wait: float) -> TooManyRequests:
+    request.app[metrics_key].refusals.note("credential_rate", f"peer={peer_address(request)}")
+    return TooManyRequests(
+        "too many invalid API keys or share tokens from this address; wait before retrying",
+        headers={"Retry-After": str(max(1, math.ceil(wait)))},
+    )
 
 
 def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:

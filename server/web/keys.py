@@ -8,6 +8,7 @@ from ..admission import Admission
 from ..auth import LoginThrottle, Passwords, TokenService
 from ..broker import Broker
 from ..config import Config
+from ..credentials import Credentials
 from ..hub import Hub
 from ..jobs import JobRunner
 from ..limits import KeyedBuckets
@@ -43,6 +44,8 @@ resumed_jobs_key = web.AppKey("resumed_jobs", int)
 #: Users and sessions (same database as store_key).
 accounts_key = web.AppKey("accounts", Accounts)
 sessions_key = web.AppKey("sessions", SessionService)
+#: API keys and share tokens.
+credentials_key = web.AppKey("credentials", Credentials)
 #: Password hashing on its own bounded threads.
 passwords_key = web.AppKey("passwords", Passwords)
 #: Login/register/password attempts per client address: the --auth-rate limit.

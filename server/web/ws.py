@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Hashable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ from marshmallow import ValidationError
 from .. import protocol
 from ..auth import Identity
 from ..config import Config
+from ..credentials import READ
 from ..errors import (
     ApiError,
     BadRequest,
@@ -100,8 +102,8 @@ async def _serve(
 ) -> web.StreamResponse:
     # A refused origin or token is logged (auth.failed) and counted by the error middleware.
     check_origin(request)
-    _admit(request)
-    identity = await authenticate(request, allow_query=True)
+    refuse_if_shedding(request)
+    identity = await authenticate(request, allow_query=True, scope=READ, allow_share=True)
     store = request.app[store_key]
     if task_id is not None:
         task = await store.get_task(task_id)
@@ -109,19 +111,7 @@ async def _serve(
             raise NotFound("task not found")
     config = request.app[config_key]
     hub = request.app[hub_key]
-    # The place is held from here, with no await since the check, until the socket is
-    # registered (then the hub counts it): concurrent handshakes of one user cannot all
-    # slip under the limit.
-    limit = config.max_connections_per_user
-    if not hub.reserve(identity.user_id, limit):
-        request.app[metrics_key].refusals.note(
-            "ws_too_many_connections", f"user={identity.user_id} limit={limit}"
-        )
-        raise TooManyRequests(
-            f"at most {limit} open WebSocket connections per user on this node; close one first",
-            code="too_many_connections",
-            headers={"Retry-After": str(RETRY_CONNECT_AFTER)},
-        )
+    check_connection_limit(request, identity.connection_key)
     connected = False
     try:
         # compress=False: frames are written pre-built (connection.text_frame), and tiny
@@ -136,6 +126,7 @@ async def _serve(
             transport if isinstance(transport, asyncio.Transport) else None,
             identity.user_id,
             session_id=identity.session_id,
+            limit_key=identity.connection_key,
             max_messages=config.send_queue_messages,
             max_bytes=config.send_queue_bytes,
             stats=request.app[metrics_key].connections,
@@ -150,15 +141,36 @@ async def _serve(
             history=app[history_key],
             config=config,
             default_task=task_id,
+            only_task=identity.task_id,
         )
         connected = True  # Session.run registers it with the hub at once
         return await session.run(identity, last_seq)
     finally:
         if not connected:
-            hub.cancel_reservation(identity.user_id)
+            hub.cancel_reservation(identity.connection_key)
 
 
-def _admit(request: web.Request) -> None:
+def check_connection_limit(request: web.Request, user_id: Hashable) -> None:
+    """--max-connections-per-user (WebSockets and SSE streams): hold a place or 429.
+
+    The place is held from here, with no await since the check, until the connection is
+    registered (then the hub counts it) or `hub.cancel_reservation`: concurrent handshakes
+    of one user cannot all slip under the limit.
+    """
+    limit = request.app[config_key].max_connections_per_user
+    if not request.app[hub_key].reserve(user_id, limit):
+        request.app[metrics_key].refusals.note(
+            "ws_too_many_connections", f"user={user_id} limit={limit}"
+        )
+        raise TooManyRequests(
+            f"at most {limit} open WebSocket or SSE connections per user on this node;"
+            " close one first",
+            code="too_many_connections",
+            headers={"Retry-After": str(RETRY_CONNECT_AFTER)},
+        )
+
+
+def refuse_if_shedding(request: web.Request) -> None:
     """Refuse the handshake with 503 + Retry-After while the server sheds load (storms)."""
     app = request.app
     refusal = app[admission_key].refusal(app[hub_key].connection_count)
@@ -190,8 +202,11 @@ class Session:
         history: SubscriptionHistory,
         config: Config,
         default_task: str | None,
+        only_task: str | None = None,
     ) -> None:
         self._conn = conn
+        #: A share token's one task: every other task is "not found".
+        self._only_task = only_task
         self._ws = ws
         self._hub = hub
         self._store = store
@@ -341,6 +356,8 @@ class Session:
             conn.push(protocol.error_message("internal", "internal error"))
 
     async def _owned_task(self, task_id: str, msg_id: Any) -> Task:
+        if self._only_task is not None and task_id != self._only_task:
+            raise protocol.ProtocolError("not_found", "task not found", msg_id=msg_id)
         task = await self._store.get_task(task_id)
         if task is None or task.user_id != self._conn.user_id:
             # Same answer for missing and foreign tasks: existence is not revealed.
