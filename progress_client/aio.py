@@ -280,7 +280,7 @@ class AsyncClient:
     async def list_api_keys(self) -> list[ApiKey]:
         """The caller's keys, without secrets, with `last_used_at`."""
         answer = await self._call("GET", "/api-keys")
-        items = answer.get("keys", []) if isinstance(answer, dict) else answer
+        items = answer["api_keys"] if isinstance(answer, dict) else answer
         return [ApiKey.from_json(item) for item in items]
 
     async def revoke_api_key(self, key_id: str) -> None:
@@ -473,8 +473,9 @@ class AsyncClient:
     async def share(self, task_id: str, ttl_s: int | None = None) -> ShareLink:
         """A read-only share token for the task (default 1 day, at most 30)."""
         body = {} if ttl_s is None else {"ttl_s": ttl_s}
+        # Not an idempotent route; a retry that makes a second token is harmless.
         answer = await self._call(
-            "POST", f"/tasks/{_task_path(task_id)}/share", body, idempotency_key=uuid.uuid4().hex
+            "POST", f"/tasks/{_task_path(task_id)}/share", body, replay_safe=True
         )
         return ShareLink.from_json(answer)
 

@@ -77,21 +77,18 @@ async def watch_task(
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         retry_after: float | None = None
         why = "connection failed"
+        session = await get_session()
         try:
-            session = await get_session()
             async with asyncio.timeout(settings.connect_timeout):
                 ws = await session.ws_connect(
                     ws_url, headers=headers, heartbeat=settings.heartbeat, autoping=True
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            if exc.status == 401:
-                if expired_streak == 0 and await creds.renew(token):
-                    expired_streak += 1
-                    continue
-                raise ApiError(401, "invalid_token", "the server refused the token") from None
+            if exc.status == 401 and expired_streak == 0 and await creds.renew(token):
+                expired_streak += 1
+                continue
             if exc.status not in (408, 429) and exc.status < 500:
-                name = {403: "forbidden", 404: "not_found"}.get(exc.status, f"http_{exc.status}")
-                raise ApiError(exc.status, name, exc.message or "handshake refused") from None
+                raise await _refusal(session, ws_url, headers, exc) from None
             retry_after = parse_retry_after((exc.headers or {}).get("Retry-After"))
             why = f"handshake refused with {exc.status}"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -150,6 +147,27 @@ async def watch_task(
             raise ServerUnreachable(f"watch of task {task_id}: {why}; gave up after {deadline:g} s")
         log.info("watch %s: %s; reconnecting in %.2f s", task_id, why, delay)
         await asyncio.sleep(delay)
+
+
+async def _refusal(
+    session: aiohttp.ClientSession,
+    ws_url: str,
+    headers: dict[str, str],
+    exc: aiohttp.WSServerHandshakeError,
+) -> ApiError:
+    """The ApiError of a refused handshake. aiohttp keeps no body of a failed upgrade, so
+    the same URL is asked once more over plain HTTP: the server checks the token, scope
+    and task before it looks for the upgrade, and answers with its JSON error."""
+    http_url = "http" + ws_url[len("ws") :]
+    try:
+        async with session.get(http_url, headers=headers) as resp:
+            body, status, resp_headers = await resp.read(), resp.status, resp.headers
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        status = 0
+    if status == exc.status:
+        return ApiError.from_response(status, body, resp_headers)
+    name = {401: "invalid_token", 403: "forbidden", 404: "not_found"}
+    return ApiError(exc.status, name.get(exc.status, f"http_{exc.status}"), exc.message)
 
 
 @dataclass

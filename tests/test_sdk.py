@@ -201,9 +201,11 @@ async def test_report_keeps_the_last_update_of_each_step(make_server: MakeServer
     server = make_server()
     await server.start()
     await register(server.base_url)
-    async with AsyncClient(server.base_url, **USER) as client:
+    # One post per 100 s: nothing but flush() (and complete) can post before the rate allows.
+    async with AsyncClient(server.base_url, **USER, report_rate=0.01) as client:
         task = await client.create_task("import")
         await task.report(10, step="load")
+        await task.flush()
         await task.report(20, step="parse", message="a")
         await task.report(30, message="b")  # no step: still "parse"
         await task.report(40, step="write")
@@ -268,6 +270,47 @@ async def test_typed_errors_and_the_task_block(make_server: MakeServer) -> None:
     assert (done.status, done.result) == ("completed", {"written": 3})
     tracked = [(e.progress, e.message) for e in ok_events if e.event == "progress"]
     assert tracked[-1] == (100, "3 of 3")
+
+
+async def test_api_keys_act_within_their_scopes(make_server: MakeServer) -> None:
+    """A write key drives tasks, cannot watch; a read key watches; a revoked key is refused."""
+    server = make_server()
+    await server.start()
+    await register(server.base_url)
+    async with AsyncClient(server.base_url, **USER) as owner:
+        writer_key = await owner.create_api_key("workers", ["tasks:write"])
+        reader_key = await owner.create_api_key("dashboards", ["tasks:read"])
+        assert writer_key.key and writer_key.key.startswith("pk_")
+        listed = await owner.list_api_keys()
+        assert [(k.id, k.name, k.scopes, k.key) for k in listed] == [
+            (writer_key.id, "workers", ["tasks:write"], None),
+            (reader_key.id, "dashboards", ["tasks:read"], None),
+        ]
+
+    def work() -> str:
+        with Client(server.base_url, api_key=writer_key.key) as client:
+            with client.task("import") as task:
+                for _ in task.track(range(10), step="rows"):
+                    pass
+            return task.id
+
+    task_id = await asyncio.to_thread(work)
+    async with AsyncClient(server.base_url, api_key=writer_key.key) as writer:
+        with pytest.raises(ApiError) as no_read:
+            async for _ in writer.watch(task_id):
+                pass
+        assert (no_read.value.status, no_read.value.code) == (403, "insufficient_scope")
+        with pytest.raises(ApiError) as no_keys:
+            await writer.list_api_keys()
+        assert no_keys.value.code == "insufficient_scope"
+    async with AsyncClient(server.base_url, api_key=reader_key.key) as reader:
+        seen = [e async for e in reader.watch(task_id)]
+        assert [(e.event, e.status, e.progress) for e in seen] == [("snapshot", "completed", 100)]
+        async with AsyncClient(server.base_url, **USER) as owner:
+            await owner.revoke_api_key(reader_key.id)
+        with pytest.raises(ApiError) as revoked:
+            await reader.get_task(task_id)
+        assert (revoked.value.status, revoked.value.code) == (401, "invalid_token")
 
 
 async def test_watch_of_a_finished_task_ends(make_server: MakeServer) -> None:
