@@ -249,7 +249,10 @@ class AsyncClient:
                 raise failure
             log.info("%s %s: %s; retry %d in %.2f s", method, path, failure, attempt, delay)
             if self._on_retry is not None:
-                self._on_retry(RetryNotice(method, path, attempt, delay, failure))
+                try:
+                    self._on_retry(RetryNotice(method, path, attempt, delay, failure))
+                except Exception:  # a broken hook must not break the call
+                    log.exception("on_retry hook failed")
             await asyncio.sleep(delay)
 
     async def _login(self, username: str, password: str) -> str:

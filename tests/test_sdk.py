@@ -4,9 +4,11 @@ errors, and retries that honour Retry-After on the server's real 429 and 503."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +27,7 @@ from progress_client import (
 from .helpers import PASSWORD
 from .http_relay import LossyRelay
 from .sdk_support import FAST_BACKOFF, FAST_WATCH, WAIT, login, make_server, register, until
-from .server_process import ServerProcess
+from .server_process import PROJECT_ROOT, ServerProcess
 
 __all__ = ["make_server"]  # the fixture, imported for pytest
 
@@ -273,7 +275,7 @@ async def test_typed_errors_and_the_task_block(make_server: MakeServer) -> None:
 
 
 async def test_api_keys_act_within_their_scopes(make_server: MakeServer) -> None:
-    """A write key drives tasks, cannot watch; a read key watches; a revoked key is refused."""
+    """Keys act within their scopes and stop when revoked; share tokens read one task."""
     server = make_server()
     await server.start()
     await register(server.base_url)
@@ -311,6 +313,21 @@ async def test_api_keys_act_within_their_scopes(make_server: MakeServer) -> None
         with pytest.raises(ApiError) as revoked:
             await reader.get_task(task_id)
         assert (revoked.value.status, revoked.value.code) == (401, "invalid_token")
+
+    # A share token reads that one task (a watch included) until the owner ends it.
+    async with AsyncClient(server.base_url, api_key=writer_key.key) as writer:
+        link = await writer.share(task_id, ttl_s=600)
+        assert link.token.startswith("st_") and task_id in link.url
+        async with AsyncClient(server.base_url, token=link.token) as viewer:
+            assert (await viewer.get_task(task_id)).status == "completed"
+            assert [e.event async for e in viewer.watch(task_id, last_seq=0)][-1] == "completed"
+            with pytest.raises(ApiError) as no_post:
+                await viewer.create_task("import")
+            assert no_post.value.code == "insufficient_scope"
+            await writer.unshare(task_id)
+            with pytest.raises(ApiError) as ended:
+                await viewer.get_task(task_id)
+            assert ended.value.status == 401
 
 
 async def test_watch_of_a_finished_task_ends(make_server: MakeServer) -> None:
@@ -412,3 +429,16 @@ async def _wait_for_503(http: aiohttp.ClientSession, base_url: str) -> None:
                 await resp.read()
                 if resp.status == 503:
                     return
+
+
+def test_the_sdk_needs_only_aiohttp_and_never_the_server() -> None:
+    """progress_client imports the standard library, aiohttp and itself: never `server`."""
+    found: set[str] = set()
+    for path in (PROJECT_ROOT / "progress_client").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    outside = {m for m in found if m not in sys.stdlib_module_names and m != "__future__"}
+    assert outside == {"aiohttp"}
