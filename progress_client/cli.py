@@ -221,10 +221,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
             return await _keys(args, client)
     if not (settings.api_key or settings.token):
         raise CliError("not logged in: run `progress login URL`, or set PROGRESS_API_KEY")
-    credential: dict[str, str] = (
-        {"api_key": settings.api_key} if settings.api_key else {"token": settings.token or ""}
-    )
-    async with AsyncClient(settings.url, **credential) as client:
+    if settings.api_key:
+        client = AsyncClient(settings.url, api_key=settings.api_key)
+    else:
+        client = AsyncClient(settings.url, token=settings.token)
+    async with client:
         handler = _TASK_COMMANDS[args.command]
         return await handler(args, client)
 

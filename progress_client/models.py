@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 #: Statuses after which a task never changes again.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
@@ -40,7 +40,7 @@ class Task:
         return self.status in TERMINAL_STATUSES
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Task:
+    def from_json(cls, data: dict[str, Any]) -> Self:
         """Build from the server's JSON (unknown fields are ignored: newer servers add some)."""
         return cls(**_task_fields(data))
 

@@ -171,7 +171,7 @@ def _forward_signals(proc: asyncio.subprocess.Process) -> list[int]:
     """SIGTERM and SIGHUP go on to the command; SIGINT from the terminal reaches it by
     itself (same process group), so here it is only kept from killing us first."""
     loop = asyncio.get_running_loop()
-    installed = []
+    installed: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
             loop.add_signal_handler(sig, _send, proc, sig)

@@ -89,7 +89,7 @@ async def watch_task(
                 continue
             if exc.status not in (408, 429) and exc.status < 500:
                 raise await _refusal(session, ws_url, headers, exc) from None
-            retry_after = parse_retry_after((exc.headers or {}).get("Retry-After"))
+            retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None)
             why = f"handshake refused with {exc.status}"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             why = f"cannot connect: {type(exc).__name__}: {exc}"
