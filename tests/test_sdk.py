@@ -380,7 +380,7 @@ async def test_503_is_retried_after_retry_after(make_server: MakeServer) -> None
     """A login refused with 503 overloaded (hashing thread busy) waits Retry-After, then lands."""
     # One hashing thread and no queue: a login while another hashes gets 503 at once.
     server = make_server(
-        "--password-hash-cost", "256", "--password-hash-workers", "1", "--password-hash-queue", "0"
+        "--password-hash-cost", "64", "--password-hash-workers", "1", "--password-hash-queue", "0"
     )
     await server.start()
     await register(server.base_url)
