@@ -82,12 +82,16 @@ async def _pump(
 ) -> None:
     """Copy the command's output as it comes; report the lines that carry progress."""
     assert stream is not None
+    closed = False  # our own output went away (`progress run ... | head`): keep draining
     while True:
         chunk = await stream.read(65536)
         lines = matcher.feed(chunk) if chunk else matcher.close()
-        if chunk:
-            out.write(chunk)
-            out.flush()
+        if chunk and not closed:
+            try:
+                out.write(chunk)
+                out.flush()
+            except (BrokenPipeError, ValueError):
+                closed = True
         for line in lines:
             if tail is not None and line.strip():
                 tail.append(line)
@@ -140,7 +144,8 @@ async def run_command(
     except OSError as exc:
         await task.fail(f"cannot run {argv[0]}: {exc.strerror or exc}")
         return 126 if isinstance(exc, PermissionError) else 127
-    await task.report(0, step, f"started: {shlex.join(argv)} (pid {proc.pid})")
+    started = f"started: {shlex.join(argv)}"[:MAX_MESSAGE]
+    await task.report(0, step, f"{started} (pid {proc.pid})")
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     forwarded = _forward_signals(proc)
     try:
