@@ -245,6 +245,7 @@ def _services(
             config.job_step_delay,
             store=store,
             node_id=node,
+            lease_ttl=config.job_lease_ttl,
             max_running=config.max_running_jobs,
             max_per_user=config.max_running_jobs_per_user,
         )
