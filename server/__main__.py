@@ -1,4 +1,5 @@
-"""`python -m server` (and `python run.py`): parse the settings, then serve; or `users ...`."""
+"""`python -m server` (and `python run.py`): parse the settings, then serve; or `users ...`,
+or `migrate-store ...`."""
 
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ def main(argv: list[str] | None = None) -> int:
         from .admin import main as users
 
         return users(argv[1:])
+    if argv[:1] == ["migrate-store"]:  # SQLite to PostgreSQL: see server/store/migrate.py
+        try:
+            from .store.migrate import main as migrate_store
+        except ModuleNotFoundError as exc:  # the default install has no PostgreSQL driver
+            if exc.name != "asyncpg":
+                raise
+            return _fail("migrate-store needs asyncpg: pip install -e '.[postgres]'", 2)
+        return migrate_store(argv[1:])
     config = from_args(argv)
-    import os as _os
-
-    if _os.environ.get("XX_SWITCH"):
-        sys.setswitchinterval(float(_os.environ["XX_SWITCH"]))
     setup_logging(config.log_level, config.log_format)
     try:
         config = fit_open_files(config)

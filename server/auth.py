@@ -263,20 +263,32 @@ def load_or_create_secret(path: Path) -> str:
             can read the secret can sign tokens for any user, so the server refuses to
             start rather than use it (as ssh refuses a private key readable by others).
     """
-    if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            what = "readable" if mode & 0o044 else "writable"
-            raise SecretFileError(f"{path} is {what} by others; chmod 600 {path}")
-        secret = path.read_text(encoding="ascii").strip()
-        if len(secret) >= 32:
-            return secret
+    secret = read_secret(path)
+    if secret is not None:
+        return secret
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_hex(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as fh:
         fh.write(secret + "\n")
     return secret
+
+
+def read_secret(path: Path) -> str | None:
+    """The JWT secret kept at `path`, or None when there is none (or one too short to use,
+    which `load_or_create_secret` replaces).
+
+    Raises:
+        SecretFileError: the file's mode lets group or others at it.
+    """
+    if not path.exists():
+        return None
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        what = "readable" if mode & 0o044 else "writable"
+        raise SecretFileError(f"{path} is {what} by others; chmod 600 {path}")
+    secret = path.read_text(encoding="ascii").strip()
+    return secret if len(secret) >= 32 else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,14 @@ def _broker_url(value: Any) -> str | None:
     return None
 
 
+def _lease_ttl(value: Any) -> str | None:
+    # Renewed every third of it through the store: under 1 s, a slow commit or a pause of
+    # the event loop would lose leases of live nodes; over an hour, a dead node's jobs
+    # would sit that long before anyone resumes them.
+    ok = isinstance(value, int | float) and math.isfinite(value) and 1 < value <= 3600
+    return None if ok else "must be more than 1 and at most 3600 seconds"
+
+
 def _node_id(value: Any) -> str | None:
     if value is None:
         return None
@@ -221,6 +229,14 @@ class Config:
         "PROGRESS_JOB_STEP_DELAY",
         "seconds between the built-in job's steps",
         check=non_negative,
+    )
+    job_lease_ttl: float = setting(
+        15.0,
+        "--job-lease-ttl",
+        "PROGRESS_JOB_LEASE_TTL",
+        "seconds a node's lease on a built-in job lasts unless renewed (every third of it);"
+        " another node takes the jobs of a dead node over after this long",
+        check=_lease_ttl,
     )
     max_running_jobs: int = setting(
         64,

@@ -154,6 +154,13 @@ class Relay:
                     delay = min(RETRY_MAX, delay * 2)
                     continue
                 self.gaps_repaired += 1
+                if sub.buffering:
+                    # Going live found another gap (events of several nodes arrive out of
+                    # order: one buffered during the read may be ahead of the next that
+                    # has not come yet). Its on_gap was ignored because this repair still
+                    # held the subscription, and the periodic check skips buffering ones:
+                    # repair again, or it would buffer for good.
+                    continue
                 return
         finally:
             self._repairing.discard(sub)

@@ -165,6 +165,25 @@ def test_retention_flags_and_variables() -> None:
     assert (config.max_events_per_task, config.retention_interval) == (50, 0.5)
 
 
+def test_job_lease_ttl_flag_and_variable() -> None:
+    """--job-lease-ttl / PROGRESS_JOB_LEASE_TTL set the built-in jobs' lease, 15 s by default."""
+    assert Config().job_lease_ttl == 15.0
+    assert from_args(["--job-lease-ttl", "3"], env={}).job_lease_ttl == 3.0
+    assert from_args([], env={"PROGRESS_JOB_LEASE_TTL": "2.5"}).job_lease_ttl == 2.5
+    assert from_args(["--job-lease-ttl", "3600"], env={}).job_lease_ttl == 3600.0
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "0", "-3", "3601"])
+def test_bad_job_lease_ttls_are_usage_errors(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lease of 1 s or less, or over an hour, is refused at start, saying the bounds."""
+    with pytest.raises(SystemExit) as exc_info:
+        from_args(["--job-lease-ttl", value], env={})
+    assert exc_info.value.code == 2
+    assert "more than 1 and at most 3600" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -195,6 +214,8 @@ def test_bad_retention_values_are_usage_errors(
         {"jwt_secret": "short"},
         {"max_json_depth": 0},
         {"registration": "sometimes"},
+        {"job_lease_ttl": 1.0},
+        {"job_lease_ttl": float("nan")},
     ],
 )
 def test_a_config_built_in_code_is_checked_too(changes: dict[str, object]) -> None:

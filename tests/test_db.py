@@ -225,3 +225,26 @@ async def test_long_reads_cannot_take_every_reader(tmp_path: Path) -> None:
         await asyncio.gather(*long_reads)
     finally:
         await db.close()
+
+
+async def test_a_write_locked_file_is_refused_without_leaking_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_sqlite behind another process's write lock (migrate-store): DatabaseError, closed."""
+    from server.store import sqlite_db
+    from server.store.sqlite import open_sqlite
+
+    path = tmp_path / "app.db"
+    db = await open_database(path, MIGRATIONS)
+    await db.close()
+    monkeypatch.setattr(sqlite_db, "BUSY_TIMEOUT_MS", 50)  # the wait, not the outcome
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    before = _sqlite_threads()
+    try:
+        with pytest.raises(DatabaseError, match="database is locked"):
+            await open_sqlite(path, MIGRATIONS, "FULL", 2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    _assert_no_leaked_connections(before)

@@ -134,6 +134,41 @@ async def test_a_lost_event_is_read_from_the_store_before_the_next(node: Any) ->
     assert peer.seqs() == [2, 3, 4, 5]
 
 
+class GatedPeer(FakePeer):
+    """A peer that takes nothing until `gate` opens; `blocked` is set once a sender waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.blocked = asyncio.Event(), asyncio.Event()
+
+    async def wait_for_room(self) -> None:
+        self.blocked.set()
+        await self.gate.wait()
+
+
+async def test_a_gap_found_while_a_repair_goes_live_is_repaired_too(node: Any) -> None:
+    """Events from several nodes arrive out of order: while a repair sends what it read
+    (2, 3), 5 arrives before 4; going live then finds 4 missing, and that is repaired as
+    well instead of leaving the subscription buffering for good."""
+    tracker, hub, relay, broker = node
+    task = await tracker.create_task(1, "external", "{}")
+    peer = GatedPeer()
+    hub.connect(peer)
+    hub.go_live(hub.subscribe(peer, task.id), 1)
+    first = remote(await tracker.report_progress(task.id, Progress(10)))  # 2, 3
+    broker.deliver(first[1])  # 3 before 2: a gap, and the repair reads 2, 3
+    async with asyncio.timeout(TIMEOUT):
+        await peer.blocked.wait()  # the repair has read the store and is sending
+    later = remote(await tracker.report_progress(task.id, Progress(20)))  # 4
+    later += remote(await tracker.report_progress(task.id, Progress(30)))  # 5
+    broker.deliver(later[1])  # 5 is buffered; 4 is still on its way
+    peer.gate.set()
+    await wait_for(lambda: peer.seqs() == [2, 3, 4, 5])
+    assert relay.gaps_repaired == 2
+    broker.deliver(later[0])  # 4 arrives late after all: a repeat, dropped
+    assert peer.seqs() == [2, 3, 4, 5]
+
+
 async def test_the_periodic_check_finds_a_loss_no_later_event_reveals(node: Any) -> None:
     """The last events are lost and nothing follows: the check catches the subscriber up
     (after a check's grace, or at once when urgent, e.g. after a broker reconnect)."""

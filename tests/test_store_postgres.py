@@ -351,3 +351,63 @@ async def test_one_idempotency_key_on_two_nodes_at_once_acts_once(pg_url: str) -
         (retry,) = (await b.store.apply([request], NO_QUOTAS, utc_now)).outcomes
         assert retry.replayed is not None and created[0].id in retry.replayed.body
         assert await a.store.count_unfinished(["job"]) == 1
+
+
+async def test_a_query_cut_by_a_crash_reports_the_lost_connection(
+    pg_url: str, pg_server: PostgresServer
+) -> None:
+    """A write in flight when the server crashes fails as StoreUnavailable saying the
+    connection was lost, not that asyncpg had already given it back to its pool (a read
+    is tried once more, and says the server refused it)."""
+    db = await open_database(pg_url, MIGRATIONS)
+    try:
+        read = asyncio.create_task(db.fetchval("SELECT pg_sleep(60)"))
+        write = asyncio.create_task(db.write(lambda c: c.execute("SELECT pg_sleep(60)")))
+        async with asyncio.timeout(OUTAGE_BOUND):
+            while (
+                int(
+                    pg_server.psql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+                    )
+                )
+                < 2
+            ):
+                await asyncio.sleep(0.01)
+        pg_server.crash()
+        try:
+            async with asyncio.timeout(OUTAGE_BOUND):
+                with pytest.raises(StoreUnavailable, match="closed in the middle of operation"):
+                    await write
+                with pytest.raises(StoreUnavailable, match="Connect call failed"):
+                    await read
+        finally:
+            pg_server.start()
+        assert await db.fetchval("SELECT 1") == 1  # and the pools recover
+    finally:
+        await db.close()
+
+
+async def test_the_pools_log_an_outage_in_one_line(
+    pg_url: str, pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the server is down, asyncpg's retries to refill a pool are logged without a
+    traceback, with the error that stopped them."""
+    db = await open_database(pg_url, MIGRATIONS)
+    try:
+        pg_server.stop()
+        try:
+            # Losing the pools' connections makes asyncpg try to restore their floor.
+            with pytest.raises(StoreUnavailable):
+                await db.fetchval("SELECT 1")
+            async with asyncio.timeout(OUTAGE_BOUND):
+                while not [r for r in caplog.records if r.name == "asyncpg.pool"]:
+                    await asyncio.sleep(0.01)
+        finally:
+            pg_server.start()
+        retries = [r for r in caplog.records if r.name == "asyncpg.pool"]
+        for record in retries:
+            assert record.exc_info is None and record.exc_text is None
+            assert "Failed to restore the pool connection floor" in record.getMessage()
+            assert " error=" in record.getMessage()
+    finally:
+        await db.close()

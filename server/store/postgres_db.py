@@ -154,6 +154,27 @@ async def connect(
         raise
 
 
+class _OutageInOneLine(logging.Filter):
+    """asyncpg logs each failed refill of a pool's floor (retried every 1 s, doubling to
+    60 s, while the server is down) as a WARNING with its whole traceback. An outage is
+    expected and the rest of the server reports it in one line: keep asyncpg's message and
+    put the error in place of the traceback. Unexpected errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_unavailable(exc):
+            record.msg = f"{record.getMessage()} error={type(exc).__name__}: {exc}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_POOL_LOG = logging.getLogger("asyncpg.pool")
+if not any(isinstance(f, _OutageInOneLine) for f in _POOL_LOG.filters):
+    _POOL_LOG.addFilter(_OutageInOneLine())
+
+
 class PostgresDatabase:
     """The read and write pools of one database, and the one transaction helper."""
 
@@ -245,6 +266,29 @@ class _NotBegun(Exception):
         self.error = error
 
 
+def _is_closed(conn: asyncpg.Connection) -> bool:
+    """Whether a pooled connection is closed, without raising.
+
+    When the server side of a checked-out connection goes away, asyncpg gives the holder
+    back to its pool at once (`PoolConnectionHolder._release_on_close`) and detaches the
+    proxy we still hold: any call on it then raises InterfaceError ("connection has been
+    released back to the pool"), which would hide the error that told us why.
+    """
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
+
+
+def _terminate(conn: asyncpg.Connection) -> None:
+    """Close a broken connection for good (nothing to do if asyncpg already let it go)."""
+    if not _is_closed(conn):
+        try:
+            conn.terminate()
+        except asyncpg.InterfaceError:
+            pass
+
+
 def _stale(exc: BaseException) -> bool:
     """A broken connection that is worth one more try on a new one (not a timeout, which
     would only double the wait)."""
@@ -259,18 +303,17 @@ async def _in_transaction(
         await transaction.start()
     except Exception as exc:
         if is_broken(exc):
-            if not conn.is_closed():
-                conn.terminate()
+            _terminate(conn)
             raise _NotBegun(exc) from exc
         raise
     try:
         result = await fn(conn)
     except BaseException:
-        if not conn.is_closed():
+        if not _is_closed(conn):
             try:
                 await transaction.rollback()
             except Exception:  # the original error matters; this connection is done
-                conn.terminate()
+                _terminate(conn)
         raise
     await transaction.commit()
     return result
@@ -282,8 +325,8 @@ async def _guarded(conn: asyncpg.Connection, work: Awaitable[T]) -> T:
     try:
         return await work
     except Exception as exc:
-        if is_broken(exc) and not conn.is_closed():
-            conn.terminate()
+        if is_broken(exc):
+            _terminate(conn)
         raise
 
 

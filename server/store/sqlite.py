@@ -30,7 +30,7 @@ from .records import (
     TaskPage,
     fit,
 )
-from .sqlite_db import Database, open_database
+from .sqlite_db import Database, DatabaseError, open_database
 from .sqlite_writes import TaskWriter
 
 #: Pages handed back to the file system per incremental-vacuum step (1 MiB of 4 KiB
@@ -116,7 +116,14 @@ async def open_sqlite(path: Path, migrations_dir: Path, synchronous: str, reader
     db = await open_database(path, migrations_dir, synchronous, readers)
     # One process uses the file (its lock file sees to it): leases left by the previous
     # run are stale, and its jobs resume at once rather than when those leases expire.
-    await db.execute("DELETE FROM job_leases")
+    try:
+        await db.execute("DELETE FROM job_leases")
+    except BaseException as exc:
+        # Closed here or never: its aiosqlite threads would keep the process from exiting.
+        await db.close()
+        if isinstance(exc, sqlite3.Error):  # e.g. "database is locked" by migrate-store
+            raise DatabaseError(f"{path}: {exc}") from exc
+        raise
     return Backend(
         kind="sqlite",
         store=SQLiteStore(db),

@@ -30,7 +30,7 @@ from ..sessions import SessionService
 from ..store import StoreUnavailable, open_store
 from ..subscription_log import SubscriptionHistory
 from ..tracker import Tracker
-from . import account, api, grants, sse, ws
+from . import account, api, grants, openapi, sse, ws
 from .guards import parse_networks
 from .keys import (
     accounts_key,
@@ -46,6 +46,7 @@ from .keys import (
     jobs_key,
     login_throttle_key,
     metrics_key,
+    openapi_key,
     passwords_key,
     relay_key,
     replayer_key,
@@ -245,6 +246,7 @@ def _services(
             config.job_step_delay,
             store=store,
             node_id=node,
+            lease_ttl=config.job_lease_ttl,
             max_running=config.max_running_jobs,
             max_per_user=config.max_running_jobs_per_user,
         )
@@ -389,6 +391,7 @@ def create_app(config: Config) -> web.Application:
     app[auth_rate_key] = KeyedBuckets(config.auth_rate / 60, max(1, math.ceil(config.auth_rate)))
     app[login_throttle_key] = LoginThrottle()
     app[trusted_proxies_key] = parse_networks(config.trusted_proxies)
+    app[openapi_key] = openapi.encoded_document()
     app.cleanup_ctx.append(_services(config, secret))
     app.on_shutdown.append(_close_websockets)
 
@@ -401,6 +404,7 @@ def create_app(config: Config) -> web.Application:
         *app.router.add_routes(api.routes),
         *app.router.add_routes(grants.routes),
         *app.router.add_routes(sse.routes),
+        *app.router.add_routes(openapi.routes),
     ]
     app.router.add_get("/", index)
     if config.static_dir.is_dir():

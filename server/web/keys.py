@@ -59,3 +59,5 @@ broker_key = web.AppKey("broker", Broker)
 #: Committed events to this node's subscribers and job runner, with gap repair.
 relay_key = web.AppKey("relay", Relay)
 replayer_key = web.AppKey("replayer", Replayer)
+#: The OpenAPI document as JSON bytes (web/openapi.py), built once per process.
+openapi_key = web.AppKey("openapi", bytes)

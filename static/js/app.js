@@ -1,18 +1,30 @@
 /**
- * The demo page: log in, start a stock analysis, watch it live, resume it after a reload.
+ * The demo page: log in, start a stock analysis, watch it live, resume it after a reload;
+ * share a task as a read-only link; manage API keys.
  *
  * One WebSocketClient (ws-client.js) per logged-in page; the task panel subscribes to one
  * task at a time and keeps what it showed (with the last seq) in sessionStorage, so that
  * "Resume" after a reload asks the server only for the events after that seq.
  *
+ * Opened with a share link (`/#task=…&share=…`, see share.js) the page is a shared view
+ * instead: that one task, live, read-only, with the share token as its only credential —
+ * no login, no task creation, no Share or Cancel, no keys. The same client and task panel
+ * do the work, so reconnecting and resuming behave as for a logged-in user; a token the
+ * server no longer accepts (expired, or the owner stopped sharing) ends the view with a
+ * message instead of retrying.
+ *
  * @module app
  */
 
 import { ApiError, api, login, refresh, session, views } from "./api.js";
+import { copyText, selectForCopy } from "./clipboard.js";
+import { keysPanel } from "./keys-panel.js";
+import { hasShareToken, readShareLink, shareUrl } from "./share.js";
 import {
   TERMINAL,
   applyMessage,
   clockTime,
+  dateTime,
   emptyView,
   h,
   renderTask,
@@ -53,6 +65,11 @@ const els = {
   taskListEmpty: $("#task-list-empty"),
   refreshTasks: $("#refresh-tasks"),
   announcer: $("#announcer"),
+  appTitle: $("#app-title"),
+  sharedLabel: $("#shared-label"),
+  sharedEnded: $("#shared-ended"),
+  /** What only the owner sees: hidden in a shared view. */
+  ownerOnly: [...document.querySelectorAll("[data-owner-only]")],
 };
 
 /** The task panel's elements, as task-view.js expects them. */
@@ -70,7 +87,18 @@ const panel = {
   cancel: $("#cancel-task"),
   outcome: $("#task-outcome"),
   log: $("#step-log"),
+  share: $("#share-task"),
+  stopSharing: $("#stop-sharing"),
+  shareStatus: $("#share-status"),
+  shareFallback: $("#share-fallback"),
+  shareLink: $("#share-link"),
 };
+
+const keys = keysPanel({
+  root: $("#keys-panel"),
+  onUnauthorized: () => sessionExpired(),
+  announce,
+});
 
 /** @type {WebSocketClient | null} */
 let client = null;
@@ -78,6 +106,10 @@ let client = null;
 let current = null;
 let refreshTimer = null;
 let countdownTimer = null;
+/** In a shared view: the link's {taskId, token}; null on the logged-in page. */
+let shared = null;
+/** The last share link made on this page: {taskId, url, expiresAt}; Share copies it again. */
+let lastShare = null;
 
 // -- connection status --------------------------------------------------------------------
 
@@ -121,7 +153,7 @@ function showConnection(state, info = {}) {
     }
   } else {
     const kind = info.kind ?? client?.closeInfo.kind ?? CloseKind.USER;
-    spoken = CLOSED_TEXT[kind] ?? "Disconnected";
+    spoken = shared && kind === CloseKind.AUTH ? "Link no longer valid" : CLOSED_TEXT[kind] ?? "Disconnected";
     els.connectionText.textContent = spoken;
   }
   const loggedIn = Boolean(client);
@@ -166,6 +198,39 @@ async function tokenProvider(ctx) {
 }
 
 /**
+ * The shared view's token provider: the share token; after a failed handshake or a 4401,
+ * checked over HTTP first (GET /tasks/{id}), since a browser cannot see why a handshake was
+ * refused. A 401 there means the link is over: no token, so the client stops (kind `auth`)
+ * and the page says so. Unreachable: the same token, and the client keeps retrying.
+ *
+ * @param {{reason: string}} ctx
+ * @returns {Promise<string | null>}
+ */
+async function sharedTokenProvider(ctx) {
+  const link = shared;
+  if (!link) return null;
+  if (ctx.reason === "expired" || ctx.reason === "handshake_failed") {
+    try {
+      await api(`/tasks/${encodeURIComponent(link.taskId)}`, { token: link.token });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) return null;
+    }
+  }
+  return link.token;
+}
+
+/** The token for HTTP reads of the task on screen: the share token in a shared view. */
+function readToken() {
+  return shared ? shared.token : undefined; // undefined: api() uses the session's
+}
+
+/** The server refused the page's credential: log out, or end the shared view. */
+function credentialRefused() {
+  if (shared) shareEnded();
+  else sessionExpired();
+}
+
+/**
  * Reconnect attempts before the page gives up and offers "Retry now": the client's default,
  * unless a script before app.js set `window.progressConfig = {reconnectAttempts: N}`.
  */
@@ -174,11 +239,11 @@ function configuredAttempts() {
   return Number.isInteger(value) && value >= 0 ? value : undefined;
 }
 
-function startClient() {
+function startClient(provider = tokenProvider) {
   client?.close();
   const c = new WebSocketClient({
     url: "/api/v1/ws",
-    token: tokenProvider,
+    token: provider,
     maxAttempts: configuredAttempts(),
     onStateChange: (state, info) => onClientState(c, state, info),
   });
@@ -188,12 +253,13 @@ function startClient() {
 
 /**
  * Show the client's state; when it stopped for want of a valid token (none could be had, or
- * the server refused the one there is: a revoked or expired session), log out.
+ * the server refused the one there is: a revoked or expired session, or share link), log
+ * out or end the shared view.
  */
 function onClientState(c, state, info) {
   if (c !== client) return; // a client already replaced or closed by leaveApp
   showConnection(state, info);
-  if (state === State.CLOSED && info.kind === CloseKind.AUTH) sessionExpired();
+  if (state === State.CLOSED && info.kind === CloseKind.AUTH) credentialRefused();
 }
 
 function scheduleRefresh() {
@@ -312,6 +378,7 @@ function enterApp(username, greeting = "") {
   scheduleRefresh();
   loadRecent();
   offerResume();
+  keys.load();
   if (greeting) announce(greeting);
   els.analyzeForm.elements.code.focus();
 }
@@ -324,6 +391,8 @@ function leaveApp(message, tone = "info") {
   c?.close();
   session.clear();
   current = null;
+  lastShare = null;
+  keys.clear();
   showConnection(State.CLOSED, { kind: CloseKind.USER });
   showAuth("login", message, tone);
 }
@@ -386,6 +455,7 @@ function stopCurrent() {
 
 function clearTask() {
   stopCurrent();
+  resetShareBox();
   current = null;
   panel.body.hidden = true;
   panel.empty.hidden = false;
@@ -402,6 +472,7 @@ function clearTask() {
  */
 function showTask(task) {
   stopCurrent();
+  if (current?.view.id !== task.id) resetShareBox();
   const stored = views.get(task.id);
   const view = stored?.view ?? emptyView(task.id, task);
   current = { view, unsubscribe: null };
@@ -468,7 +539,7 @@ function onTaskMessage(shown, msg) {
   render();
   if (!wasTerminal && TERMINAL.has(view.status)) {
     stopCurrent(); // nothing more will come
-    loadRecent();
+    if (!shared) loadRecent();
     const code = view.params?.code ?? "";
     if (view.status === "completed") {
       const signal = String(view.result?.signal ?? "").toUpperCase();
@@ -491,15 +562,16 @@ function onTaskMessage(shown, msg) {
 async function catchUp(view) {
   const shown = current;
   const id = encodeURIComponent(view.id);
+  const token = readToken();
   let after = view.seq;
   try {
     for (;;) {
-      const page = await api(`/tasks/${id}/events?after_seq=${after}&limit=${EVENTS_PAGE}`);
+      const page = await api(`/tasks/${id}/events?after_seq=${after}&limit=${EVENTS_PAGE}`, { token });
       if (shown !== current) return;
       const events = page.events ?? [];
       if (events.length === 0) return;
       if (events[0].seq !== after + 1) {
-        const task = await api(`/tasks/${id}`);
+        const task = await api(`/tasks/${id}`, { token });
         onTaskMessage(shown, { type: "snapshot", task, recovered: false });
         return;
       }
@@ -510,7 +582,7 @@ async function catchUp(view) {
       else return; // null, or a value that would not move on
     }
   } catch (err) {
-    if (err.status === 401) sessionExpired();
+    if (err.status === 401) credentialRefused();
   }
 }
 
@@ -529,6 +601,149 @@ async function cancelCurrent() {
       announce(`Could not cancel: ${err.message}`);
     }
   }
+}
+
+// -- sharing (the owner) ------------------------------------------------------------------
+
+/** @param {string} text @param {"info" | "error"} [tone] */
+function setShareStatus(text, tone = "info") {
+  panel.shareStatus.textContent = text;
+  panel.shareStatus.dataset.tone = tone;
+}
+
+function resetShareBox() {
+  setShareStatus("");
+  panel.shareFallback.hidden = true;
+  panel.shareLink.value = "";
+}
+
+/** Whether a Share click is being handled (a second click meanwhile is ignored). */
+let sharing = false;
+
+/**
+ * The Share button: make a read-only link to the task on screen (POST /tasks/{id}/share,
+ * a day long) and copy it; a link made on this page that has a while left is copied again
+ * rather than a new one made. When the clipboard is refused, the link is shown selected in
+ * a read-only input.
+ */
+async function shareCurrent() {
+  if (!current || sharing) return;
+  const taskId = current.view.id;
+  const id = encodeURIComponent(taskId);
+  const reuse = lastShare?.taskId === taskId && Date.parse(lastShare.expiresAt) - Date.now() > 60_000;
+  const made = reuse
+    ? Promise.resolve(lastShare)
+    : api(`/tasks/${id}/share`, { method: "POST", body: {} }).then((answer) => ({
+        taskId,
+        url: shareUrl(taskId, answer.token),
+        expiresAt: answer.expires_at,
+      }));
+  sharing = true;
+  panel.share.setAttribute("aria-busy", "true");
+  panel.shareFallback.hidden = true;
+  let link;
+  let copied;
+  try {
+    // Started within the click, with the link still to come (see clipboard.js).
+    copied = await copyText(made.then((l) => l.url));
+    link = await made;
+  } catch (err) {
+    if (err.status === 401) return sessionExpired();
+    if (current?.view.id === taskId) {
+      setShareStatus(
+        err.code === "quota_exceeded"
+          ? "This task has as many links as allowed: stop sharing, then share again."
+          : `Could not share: ${err.message}`,
+        "error",
+      );
+    }
+    return;
+  } finally {
+    sharing = false;
+    panel.share.removeAttribute("aria-busy");
+  }
+  lastShare = link;
+  if (current?.view.id !== taskId) return;
+  const until = dateTime(link.expiresAt);
+  if (copied) {
+    setShareStatus(`Link copied. Anyone with it can watch this task until ${until}.`);
+  } else {
+    panel.shareFallback.hidden = false;
+    selectForCopy(panel.shareLink, link.url);
+    setShareStatus(
+      `Your browser did not let the page copy the link: it is selected below, copy it with` +
+        ` Ctrl+C (⌘C). It works until ${until}.`,
+    );
+  }
+}
+
+/** Stop sharing: every link to the task on screen stops working (its viewers are told). */
+async function stopSharing() {
+  if (!current) return;
+  const taskId = current.view.id;
+  try {
+    await api(`/tasks/${encodeURIComponent(taskId)}/share`, { method: "DELETE" });
+  } catch (err) {
+    if (err.status === 401) return sessionExpired();
+    if (current?.view.id === taskId) setShareStatus(`Could not stop sharing: ${err.message}`, "error");
+    return;
+  }
+  if (lastShare?.taskId === taskId) lastShare = null;
+  if (current?.view.id !== taskId) return;
+  resetShareBox();
+  setShareStatus("Sharing stopped: links to this task no longer work.");
+}
+
+// -- the shared view -----------------------------------------------------------------------
+
+/**
+ * Show the task of a share link, read-only: the task first over HTTP (which also checks
+ * the token), then live over the WebSocket, or its history if it has finished.
+ *
+ * @param {{taskId: string, token: string}} link
+ */
+async function enterShared(link) {
+  shared = link;
+  els.authView.hidden = true;
+  els.userBox.hidden = true;
+  els.appView.hidden = false;
+  els.appView.dataset.mode = "shared";
+  for (const el of els.ownerOnly) el.hidden = true;
+  els.sharedLabel.hidden = false;
+  els.appTitle.textContent = "Shared task (read-only)";
+  document.title = "Shared task · Task progress";
+  panel.empty.textContent = "Loading the shared task…";
+  let task;
+  try {
+    task = await api(`/tasks/${encodeURIComponent(link.taskId)}`, { token: link.token });
+  } catch (err) {
+    if (err.status === 401) return shareEnded();
+    if (err.status === 404) return shareEnded("This shared task no longer exists.");
+    if (err.status > 0 && err.status < 500) return shareEnded(`This link cannot be opened: ${err.message}.`);
+    // Unreachable: the client keeps trying, and the replay brings the task when it connects.
+    task = { id: link.taskId, status: "pending" };
+  }
+  startClient(sharedTokenProvider);
+  showTask(task);
+}
+
+/**
+ * The share token is no longer accepted (expired, or the owner stopped sharing): stop,
+ * and say so instead of retrying. What was shown of the task stays on screen.
+ *
+ * @param {string} [reason]
+ */
+function shareEnded(reason = "This link has expired or was revoked.") {
+  const c = client;
+  client = null;
+  stopCurrent();
+  c?.close();
+  els.sharedEnded.textContent = `${reason} Ask the person who shared it for a new link.`;
+  els.sharedEnded.hidden = false;
+  // Nothing shown: the message says it all. Shown: it stays, marked as no longer live.
+  if (!current) panel.card.hidden = true;
+  else panel.card.dataset.stale = "true";
+  showConnection(State.CLOSED, { kind: CloseKind.AUTH });
 }
 
 /** The recent tasks list (newest first); each entry shows the task when clicked. */
@@ -636,6 +851,13 @@ function wire() {
   els.analyzeForm.addEventListener("submit", submitAnalysis);
   els.analyzeForm.elements.code.addEventListener("input", () => setAnalyzeError(""));
   panel.cancel.addEventListener("click", cancelCurrent);
+  panel.share.addEventListener("click", shareCurrent);
+  panel.stopSharing.addEventListener("click", stopSharing);
+  // A share link pasted into this tab changes only the fragment, which loads nothing: load
+  // the page again, which then opens the shared view (and takes the token out of the bar).
+  window.addEventListener("hashchange", () => {
+    if (hasShareToken(location.hash)) location.reload();
+  });
   els.refreshTasks.addEventListener("click", () => {
     loadRecent();
     offerResume();
@@ -644,6 +866,11 @@ function wire() {
 
 async function start() {
   wire();
+  const link = readShareLink();
+  if (link) {
+    enterShared(link);
+    return;
+  }
   const s = session.get();
   if (!s) {
     showAuth("login");

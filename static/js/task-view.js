@@ -166,6 +166,14 @@ export function clockTime(ts) {
   return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
 }
 
+/** @param {string | null} ts ISO time @returns {string} "2 Dec 2026, 14:20" in the user's locale */
+export function dateTime(ts) {
+  if (!ts) return "";
+  const d = new Date(ts);
+  if (Number.isNaN(d.getTime())) return "";
+  return d.toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+}
+
 /** Elapsed seconds between two ISO times, as "+1.2 s". */
 function elapsed(from, to) {
   if (!from || !to) return "";

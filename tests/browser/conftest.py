@@ -134,9 +134,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python run.py` on a port and database of its own; can be stopped and started again."""
+    """`python run.py` on a port and database of its own; can be stopped and started again.
 
-    def __init__(self, db: Path, log_path: Path, step_delay: float, *extra: str) -> None:
+    `db` None: no --db (the caller passes --store, e.g. a PostgreSQL URL shared by nodes).
+    """
+
+    def __init__(self, db: Path | None, log_path: Path, step_delay: float, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = db
@@ -148,8 +151,7 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--db",
-            str(db),
+            *(["--db", str(db)] if db is not None else []),
             "--job-step-delay",
             str(step_delay),
             "--jwt-secret",
