@@ -50,6 +50,17 @@ class Token(Schema):
     )
 
 
+class Children(Schema):
+    """How many children a task has, by status."""
+
+    total = StrictInt(required=True)
+    pending = StrictInt(required=True)
+    running = StrictInt(required=True)
+    completed = StrictInt(required=True)
+    failed = StrictInt(required=True)
+    cancelled = StrictInt(required=True)
+
+
 class Task(Schema):
     """A task's current state; `seq` is the seq of its latest event."""
 
@@ -67,6 +78,30 @@ class Task(Schema):
     updated_at = _time()
     started_at = _time(allow_none=True)
     finished_at = _time(allow_none=True)
+    rate = Number(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Smoothed progress rate, percent per second (null: unknown)."},
+    )
+    eta_s = Number(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Seconds to 100 % at that rate (null: unknown)."},
+    )
+    parent_id = fields.String(required=True, allow_none=True)
+    weight = Number(required=True, metadata={"description": "Weight in its parent's mean."})
+    auto_finish = fields.Boolean(required=True)
+    fail_fast = fields.Boolean(required=True)
+    children = fields.Nested(Children, required=True)
+
+
+class ChildMoved(Schema):
+    """On a parent's progress event: the child that moved it."""
+
+    id = fields.String(required=True, validate=TASK_ID)
+    seq = StrictInt(required=True, validate=_SEQ)
+    status = fields.Enum(TaskStatus, by_value=fields.String, required=True)
+    progress = Number(required=True, validate=validate.Range(min=0, max=100))
 
 
 class Event(Schema):
@@ -82,6 +117,11 @@ class Event(Schema):
     ts = _time()
     result = fields.Dict(metadata={"description": "Only on `completed`."})
     error = fields.String(metadata={"description": "Only on `failed` and `cancelled`."})
+    rate = Number(
+        allow_none=True, metadata={"description": "Only on `progress`: percent per second."}
+    )
+    eta_s = Number(allow_none=True, metadata={"description": "Only on `progress`: seconds left."})
+    child = fields.Nested(ChildMoved, metadata={"description": "Only on a parent's `progress`."})
 
 
 class TaskPage(Schema):

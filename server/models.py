@@ -91,6 +91,30 @@ class TaskState:
     updated_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    #: Its parent task (None: a root), its weight in the parent's mean, levels below a root.
+    parent_id: str | None = None
+    weight: float = 1
+    depth: int = 0
+    #: How it finishes: 0 by its owner, 1 auto_finish, 2 auto_finish with fail_fast.
+    finish: int = 0
+    #: Its children's counts and sums (`tree.Tree` as JSON; None: it has none yet).
+    tree: RawJson | None = None
+    #: Rate (percent per second) and ETA of its latest progress, and the smoothing state
+    #: behind them (`meter.Meter` as JSON).
+    rate: float | None = None
+    eta_s: float | None = None
+    meter: RawJson | None = None
+
+
+#: Child counts of a task without children.
+NO_CHILDREN = {
+    "total": 0,
+    "pending": 0,
+    "running": 0,
+    "completed": 0,
+    "failed": 0,
+    "cancelled": 0,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +138,20 @@ class Task:
     finished_at: str | None = None
     #: Private resume state of a built-in job; never sent to clients.
     checkpoint: RawJson | None = field(default=None, compare=False)
+    parent_id: str | None = None
+    weight: float = 1
+    depth: int = 0
+    finish: int = 0
+    #: Its children's counts and sums (`tree.Tree` as JSON), None without children.
+    tree: RawJson | None = None
+    rate: float | None = None
+    eta_s: float | None = None
 
     def _head(self) -> dict[str, Any]:
+        children = NO_CHILDREN
+        if self.tree is not None:
+            counts = json.loads(self.tree)
+            children = {key: counts[key] for key in NO_CHILDREN}
         return {
             "id": self.id,
             "kind": self.kind,
@@ -129,6 +165,13 @@ class Task:
             "updated_at": self.updated_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "rate": self.rate,
+            "eta_s": self.eta_s,
+            "parent_id": self.parent_id,
+            "weight": self.weight,
+            "auto_finish": self.finish > 0,
+            "fail_fast": self.finish > 1,
+            "children": children,
         }
 
     def to_json(self) -> str:
@@ -160,6 +203,11 @@ class Event:
     ts: str
     result: RawJson | None = None
     error: str | None = None
+    #: Progress events: the task's smoothed rate (percent per second) and ETA (seconds).
+    rate: float | None = None
+    eta_s: float | None = None
+    #: A parent's progress event: the child that moved, `{id, seq, status, progress}`.
+    child: RawJson | None = None
 
     def _head(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -172,14 +220,22 @@ class Event:
             "message": self.message,
             "ts": self.ts,
         }
+        if self.event is EventType.PROGRESS:
+            data["rate"] = self.rate
+            data["eta_s"] = self.eta_s
         if self.error is not None:
             data["error"] = self.error
         return data
 
     def to_json(self, **extra: Any) -> str:
-        """The public JSON shape; `result` and `error` only when set; `extra` first."""
+        """The public JSON shape; `result`, `error` and `child` only when set; `extra` first."""
         head = {**extra, **self._head()}
-        return splice(head, {"result": self.result} if self.result is not None else {})
+        raw: dict[str, RawJson | None] = {}
+        if self.child is not None:
+            raw["child"] = self.child
+        if self.result is not None:
+            raw["result"] = self.result
+        return splice(head, raw)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.to_json())
@@ -194,4 +250,5 @@ class Event:
             + len((self.message or "").encode())
             + len((self.result or "").encode())
             + len((self.error or "").encode())
+            + len((self.child or "").encode())
         )

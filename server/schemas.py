@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from . import budget
 from .models import TaskStatus
@@ -103,13 +103,79 @@ class StockParams(Schema):
     )
 
 
-class CreateTask(Schema):
+#: Most codes in one multi-code analysis.
+MAX_CODES = 20
+#: A parent's kind for a multi-code analysis (its children are `stock_analysis` tasks).
+STOCK_ANALYSIS_BATCH = "stock_analysis_batch"
+
+
+class StrictBool(fields.Boolean):
+    """A JSON boolean only: no "true", no 1."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(truthy={True}, falsy={False}, **kwargs)
+
+
+class Placement(Schema):
+    """Where a new task goes in a tree: under `parent_id` (same owner, unfinished), counting
+    `weight` in its parent's progress."""
+
+    parent_id = WireString(64, load_default=None, allow_none=True)
+    weight = Number(
+        validate=validate.Range(min=0, min_inclusive=False, max=1_000_000), load_default=1
+    )
+
+
+class CreateTask(Placement):
     kind = fields.String(
         required=True,
         validate=validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}\Z", error="1-64 of A-Z a-z 0-9 _ . : -"),
     )
     #: Checked against the byte and depth budget by the handler (budget.compact).
     params = fields.Dict(keys=fields.String(), load_default=dict)
+    #: Finish by itself when its children have (completed if all did), and on the first
+    #: failed child too with `fail_fast`.
+    auto_finish = StrictBool(load_default=False)
+    fail_fast = StrictBool(load_default=False)
+
+    @validates_schema
+    def _fail_fast_needs_auto_finish(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("fail_fast") and not data.get("auto_finish"):
+            raise ValidationError("Only with auto_finish.", field_name="fail_fast")
+
+
+class AnalyzeStock(Placement):
+    """`{code}`: one analysis; `{codes: [...]}`: a parent with a child analysis per code."""
+
+    code = fields.String(
+        validate=validate.Regexp(STOCK_CODE, error="a 6-digit code or a ticker of 1-10 letters"),
+    )
+    codes = fields.List(
+        fields.String(
+            validate=validate.Regexp(STOCK_CODE, error="a 6-digit code or a ticker of 1-10 letters")
+        ),
+        validate=validate.Length(min=1, max=MAX_CODES),
+    )
+
+    @validates_schema
+    def _code_or_codes(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if ("code" in data) == ("codes" in data):
+            raise ValidationError("Give either code or codes.", field_name="code")
+        codes = [c.upper() for c in data.get("codes", ())]
+        if len(set(codes)) != len(codes):
+            raise ValidationError("Each code once.", field_name="codes")
+
+
+class ListChildrenQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = fields.Integer(validate=validate.Range(min=1, max=1000), load_default=100)
+    #: `next_cursor` of the previous page (opaque to clients).
+    cursor = fields.String(
+        load_default=None,
+        validate=validate.Regexp(TASK_CURSOR, error="not a cursor from a previous page"),
+    )
 
 
 class ReportProgress(Schema):

@@ -290,11 +290,11 @@ class Tracker:
             if isinstance(outcome.error, QuotaExceeded):
                 quota = outcome.error.fields.get("quota", "")
                 self._refusals.note(f"quota_{quota}", f"lane={pending.lane}")
-            self.events_committed += len(outcome.events)
+            self.events_committed += len(outcome.events) + len(outcome.related)
             if not pending.future.done():
                 pending.future.set_result(outcome)
         for outcome in plan.outcomes:
-            for event in outcome.events:
+            for event in (*outcome.events, *outcome.related):
                 for listener in self._listeners:
                     try:
                         listener(event)

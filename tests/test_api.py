@@ -103,6 +103,13 @@ TASK_KEYS = {
     "updated_at",
     "started_at",
     "finished_at",
+    "rate",
+    "eta_s",
+    "parent_id",
+    "weight",
+    "auto_finish",
+    "fail_fast",
+    "children",
 }
 
 

@@ -406,6 +406,56 @@ async def test_every_route_answers_as_documented(client: TestClient) -> None:
         valid=False,
     )
 
+    # -- parents and children ------------------------------------------------------------
+    parent = await api.call(
+        "POST",
+        "/api/v1/tasks",
+        token=token,
+        body={"kind": "batch", "auto_finish": True},
+        status=201,
+    )
+    pid = parent.json()["id"]
+    child = await api.call(
+        "POST",
+        "/api/v1/tasks",
+        token=token,
+        body={"kind": "file", "parent_id": pid, "weight": 2},
+        status=201,
+    )
+    await api.call(
+        "POST",
+        f"/api/v1/tasks/{child.json()['id']}/progress",
+        token=token,
+        body={"progress": 50},
+        status=200,
+    )
+    await api.call("GET", f"/api/v1/tasks/{pid}/events", token=token, status=200)
+    await api.call(
+        "POST", f"/api/v1/tasks/{pid}/progress", token=token, body={"progress": 5}, status=409
+    )
+    await api.call(
+        "POST",
+        "/api/v1/tasks",
+        token=token,
+        body={"kind": "x", "parent_id": "0" * 32},
+        status=404,
+    )
+    await api.call(
+        "GET", f"/api/v1/tasks/{pid}/children", token=token, query={"limit": "10"}, status=200
+    )
+    await api.call(
+        "GET",
+        f"/api/v1/tasks/{pid}/children",
+        token=token,
+        query={"limit": "0"},
+        status=422,
+        valid=False,
+    )
+    multi = await api.call(
+        "POST", "/api/v1/stock/analyze", token=token, body={"codes": ["AAPL", "MSFT"]}, status=201
+    )
+    assert multi.json()["children"]["total"] == 2
+
     # -- sharing and the stream (the task still running) ---------------------------------
     shared = await api.call(
         "POST", f"/api/v1/tasks/{tid}/share", token=token, body={"ttl_s": 3600}, status=201

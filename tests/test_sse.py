@@ -93,6 +93,8 @@ async def test_a_stream_starts_with_a_snapshot_goes_live_and_ends_with_the_task(
         "step": "b",
         "message": "half",
         "ts": got[1].data["ts"],
+        "rate": None,
+        "eta_s": None,
     }
     assert got[2].data["result"] == {"ok": 1}
     assert client.app[hub_key].connection_count == 0

@@ -703,3 +703,60 @@ async def test_api_keys_and_shares_are_stored_listed_and_revoked(backend: Backen
     purged = await grants.purge(iso_time(time.time() + 1), time.time(), 100)
     assert purged == 3  # two shares (revoked, expired) and the answer
     assert await grants.get_share("c" * 16) is None
+
+
+# -- parents and children ----------------------------------------------------------------
+
+
+def child_of(user_id: int, parent_id: str, weight: float = 1, finish: int = 0) -> Request:
+    return Request(
+        "", user_id, Create(user_id, "job", "{}", parent_id=parent_id, weight=weight, finish=finish)
+    )
+
+
+async def test_a_tree_moves_together_in_one_transaction(backend: Backend) -> None:
+    """Children's changes update their parents (and grandparents) in the same commit:
+    weighted progress, counts, `child` on the parent's events, listing, and auto-finish
+    cascading up two levels."""
+    uid = await user(backend)
+    (root,) = await apply(backend, Request("", uid, Create(uid, "job", "{}", finish=1)))
+    assert root.created is not None
+    root_id = root.created.id
+    (mid,) = await apply(backend, child_of(uid, root_id, weight=3, finish=1))
+    (other,) = await apply(backend, child_of(uid, root_id))
+    assert mid.created is not None and other.created is not None
+    (leaf,) = await apply(backend, child_of(uid, mid.created.id))
+    assert leaf.created is not None
+    (moved,) = await apply(backend, change(leaf.created.id, uid, Progress(50)))
+    assert {e.task_id for e in moved.related} == {mid.created.id, root_id}
+    task = await backend.store.get_task(root_id)
+    assert task is not None and task.progress == 3 * 50 / 4
+    await apply(backend, change(other.created.id, uid, Complete()))
+    (last,) = await apply(backend, change(leaf.created.id, uid, Complete()))
+    finished = {(e.task_id, e.event.value) for e in last.related}
+    assert (mid.created.id, "completed") in finished and (root_id, "completed") in finished
+    task = await backend.store.get_task(root_id)
+    assert task is not None and task.status is TaskStatus.COMPLETED and task.result is not None
+    assert '"status":"completed"' in task.result
+    page = await backend.store.list_children(root_id, 10)
+    assert [t.id for t in page.tasks] == [mid.created.id, other.created.id]
+    events = await all_events(backend, root_id)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert all(e.child is not None for e in events if e.event.value == "progress")
+
+
+async def test_cancelling_a_parent_cancels_its_subtree(backend: Backend) -> None:
+    """One cancel reaches every unfinished descendant, each with its own event."""
+    uid = await user(backend)
+    parent = await new_task(backend, uid)
+    (a,) = await apply(backend, child_of(uid, parent.id))
+    assert a.created is not None
+    (b,) = await apply(backend, child_of(uid, a.created.id))
+    assert b.created is not None
+    (cancel,) = await apply(backend, change(parent.id, uid, Cancel()))
+    assert cancel.error is None
+    cancelled = {e.task_id for e in cancel.related if e.event.value == "cancelled"}
+    assert cancelled == {a.created.id, b.created.id}
+    for task_id in (a.created.id, b.created.id):
+        task = await backend.store.get_task(task_id)
+        assert task is not None and task.status is TaskStatus.CANCELLED

@@ -228,10 +228,11 @@ def test_transition_is_pure():
         created_at="c",
         updated_at="c",
     )
-    new, events = transition(state, Progress(10, message="hi"), "ts")
-    assert (state.seq, state.progress) == (3, 5)
+    ts = "2026-12-01T10:00:00.000Z"
+    new, events = transition(state, Progress(10, message="hi"), ts)
+    assert (state.seq, state.progress, state.meter) == (3, 5, None)
     assert (new.seq, new.progress, new.step) == (4, 10, "s")
-    assert (events[0].ts, events[0].seq, events[0].message) == ("ts", 4, "hi")
+    assert (events[0].ts, events[0].seq, events[0].message) == (ts, 4, "hi")
 
 
 async def test_one_users_burst_does_not_delay_another_by_more_than_a_batch(store):

@@ -30,6 +30,8 @@ from .helpers import (
 
 WS = "/api/v1/ws"
 EVENT_KEYS = {"type", "task_id", "seq", "event", "status", "progress", "step", "message", "ts"}
+#: A progress event also carries the task's rate and ETA.
+PROGRESS_KEYS = EVENT_KEYS | {"rate", "eta_s"}
 
 
 def task_ws(task_id: str) -> str:
@@ -104,7 +106,7 @@ async def test_subscribe_sends_snapshot_then_live_events(client):
 
     await post_progress(client, token, task["id"], 25, step="load", message="loading")
     started, progress = await receive_json(ws), await receive_json(ws)
-    assert set(started) == EVENT_KEYS and set(progress) == EVENT_KEYS
+    assert set(started) == EVENT_KEYS and set(progress) == PROGRESS_KEYS
     assert started == {**started, "type": "event", "task_id": task["id"], "seq": 2}
     assert (started["event"], started["status"]) == ("started", "running")
     assert progress["type"] == "event" and progress["task_id"] == task["id"]
@@ -166,7 +168,7 @@ async def test_subscribe_with_last_seq_replays_missed_events_then_live(client):
         ("event", 5, 30),
         ("event", 6, 40),
     ]
-    assert all(set(m) == EVENT_KEYS for m in replayed)
+    assert all(set(m) == PROGRESS_KEYS for m in replayed)
     assert await post_progress(client, token, task["id"], 50) == 7
     live = await receive_json(ws)
     assert (live["seq"], live["progress"]) == (7, 50)

@@ -33,16 +33,19 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ..errors import NotFound, TaskFinished, Unavailable
-from ..lifecycle import Progress
+from ..lifecycle import FINISHERS, Progress
 from ..models import EventType, Task, TaskStatus, dumps
 from ..relay import Notice
-from ..schemas import STOCK_ANALYSIS
+from ..schemas import STOCK_ANALYSIS, STOCK_ANALYSIS_BATCH
 from ..store import StoreUnavailable
 from ..tracker import Tracker
 from .prices import PriceProvider
-from .stock import STEPS, Context, StockAnalysis
+from .stock import STEPS, Context, StockAnalysis, rank_codes
 
 log = logging.getLogger(__name__)
+
+# A multi-code analysis completes by itself (auto_finish) with its codes ranked.
+FINISHERS[STOCK_ANALYSIS_BATCH] = rank_codes
 
 #: Jobs resumed per second after a restart.
 RESUME_RATE = 20.0

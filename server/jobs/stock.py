@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..lifecycle import ChildResult
+from ..models import TaskStatus
 from . import indicators
 from .prices import PriceProvider
 
@@ -90,3 +93,29 @@ STEPS: list[tuple[str, int, StepFn]] = [
     ("signal", 85, StockAnalysis.signal),
     ("report", 95, StockAnalysis.report),
 ]
+
+
+def rank_codes(children: list[ChildResult]) -> dict[str, object]:
+    """A multi-code analysis's result: its codes ranked by signal score, best first (ties
+    by code); a child that did not complete is listed last with its status."""
+    ranked = []
+    missing = []
+    for child in children:
+        report = json.loads(child.result) if child.result else None
+        if child.status is TaskStatus.COMPLETED and isinstance(report, dict):
+            ranked.append(
+                {
+                    "code": report.get("code"),
+                    "task_id": child.id,
+                    "signal": report.get("signal"),
+                    "score": report.get("score"),
+                    "last_close": report.get("last_close"),
+                    "change_20d_pct": report.get("change_20d_pct"),
+                }
+            )
+        else:
+            missing.append({"task_id": child.id, "status": child.status.value})
+    ranked.sort(key=lambda r: (-(r["score"] or 0), str(r["code"])))
+    for rank, row in enumerate(ranked, start=1):
+        row["rank"] = rank
+    return {"ranking": ranked, "not_ranked": missing}

@@ -70,6 +70,17 @@ class Store(Protocol):
         max_bytes: int = ...,
     ) -> TaskPage: ...
 
+    async def list_children(
+        self,
+        parent_id: str,
+        limit: int,
+        *,
+        after: tuple[str, int] | None = None,
+        max_bytes: int = ...,
+    ) -> TaskPage:
+        """A task's children, oldest first: at most `limit` and about `max_bytes`;
+        `after` is the previous page's `next`."""
+
     async def list_events(
         self, task_id: str, after_seq: int, limit: int, *, max_bytes: int = ...
     ) -> EventPage: ...

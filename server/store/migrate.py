@@ -100,6 +100,10 @@ def _optional_text(value: object) -> str | None:
     return None if value is None else _text(value)
 
 
+def _optional_real(value: object) -> float | None:
+    return None if value is None else _real(value)
+
+
 Convert = Callable[[object], object]
 
 
@@ -197,6 +201,14 @@ TABLES: tuple[Table, ...] = (
             _c("started_at", _optional_text),
             _c("finished_at", _optional_text),
             _c("bytes", _integer),
+            _c("parent_id", _optional_text),
+            _c("weight", _real),
+            _c("depth", _integer),
+            _c("finish", _int32),
+            _c("tree", _optional_text),
+            _c("rate", _optional_real),
+            _c("eta_s", _optional_real),
+            _c("meter", _optional_text),
         ),
         key=("row_no",),
         identities=("row_no",),
@@ -215,6 +227,9 @@ TABLES: tuple[Table, ...] = (
             _c("error", _optional_text),
             _c("ts", _text),
             _c("bytes", _integer),
+            _c("rate", _optional_real),
+            _c("eta_s", _optional_real),
+            _c("child", _optional_text),
         ),
         key=("task_id", "seq"),
     ),

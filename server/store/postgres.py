@@ -50,9 +50,12 @@ log = logging.getLogger(__name__)
 
 _TASK_COLUMNS = (
     "id, user_id, kind, params, status, progress, step, message, result, error, seq,"
-    " checkpoint, created_at, updated_at, started_at, finished_at"
+    " checkpoint, created_at, updated_at, started_at, finished_at, parent_id, weight, depth,"
+    " finish, tree, rate, eta_s"
 )
-_EVENT_COLUMNS = "task_id, seq, event, status, progress, step, message, result, error, ts"
+_EVENT_COLUMNS = (
+    "task_id, seq, event, status, progress, step, message, result, error, ts, rate, eta_s, child"
+)
 #: The same, of the tables aliased `t` and `e`.
 _T_COLUMNS = ", ".join("t." + column.strip() for column in _TASK_COLUMNS.split(","))
 _E_COLUMNS = ", ".join("e." + column.strip() for column in _EVENT_COLUMNS.split(","))
@@ -78,6 +81,13 @@ def _task_from_row(row: asyncpg.Record) -> Task:
         updated_at=row["updated_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        parent_id=row["parent_id"],
+        weight=number(row["weight"]),
+        depth=row["depth"],
+        finish=row["finish"],
+        tree=row["tree"],
+        rate=row["rate"],
+        eta_s=row["eta_s"],
     )
 
 
@@ -93,6 +103,9 @@ def _event_from_row(row: asyncpg.Record) -> Event:
         result=row["result"],
         error=row["error"],
         ts=row["ts"],
+        rate=row["rate"],
+        eta_s=row["eta_s"],
+        child=row["child"],
     )
 
 
@@ -159,6 +172,28 @@ class PostgresStore:
         if before is not None:
             args += [before[0], before[1]]
             where += f" AND (created_at, row_no) < (${len(args) - 1}, ${len(args)}::bigint)"
+        return await self._task_page(where, args, "DESC")
+
+    async def list_children(
+        self,
+        parent_id: str,
+        limit: int,
+        *,
+        after: tuple[str, int] | None = None,
+        max_bytes: int = MAX_PAGE_BYTES,
+    ) -> TaskPage:
+        """A task's children, oldest first; `after` continues a page as `before` does."""
+        where = "parent_id = $1"
+        args: list[Any] = [parent_id, limit, max_bytes]
+        if after is not None:
+            args += [after[0], after[1]]
+            where += f" AND (created_at, row_no) > (${len(args) - 1}, ${len(args)}::bigint)"
+        return await self._task_page(where, args, "ASC")
+
+    async def _task_page(self, where: str, args: list[Any], direction: str) -> TaskPage:
+        """Tasks matching `where` ($2 the limit, $3 the byte budget) in `direction` of
+        (created_at, row_no)."""
+        order = f"created_at {direction}, row_no {direction}"
         # The candidates (limit + 1, to know whether more exist) with their sizes' running
         # sum; then the full rows of the prefix that fits (`records.fit`: the first row
         # always, the next ones while the total is within max_bytes).
@@ -168,8 +203,8 @@ class PostgresStore:
             " sum(size) OVER w AS total FROM ("
             "  SELECT id, created_at, row_no, bytes + coalesce(octet_length(message), 0)"
             "  + coalesce(octet_length(error), 0) AS size"
-            f"  FROM tasks WHERE {where} ORDER BY created_at DESC, row_no DESC LIMIT $2 + 1"
-            " ) c WINDOW w AS (ORDER BY created_at DESC, row_no DESC))"
+            f"  FROM tasks WHERE {where} ORDER BY {order} LIMIT $2 + 1"
+            f" ) c WINDOW w AS (ORDER BY {order}))"
             " SELECT c.n, c.created_at AS cursor_at, c.row_no AS cursor_no,"
             f" {_T_COLUMNS}"
             " FROM candidates c LEFT JOIN tasks t ON t.id = c.id"

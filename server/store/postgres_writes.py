@@ -32,16 +32,40 @@ from typing import Any
 import asyncpg
 
 from ..idempotency import KEEP_SECONDS, Answer, Claim
-from ..lifecycle import Create, Plan, Quotas, Request, TaskWrite, plan_batch
+from ..lifecycle import (
+    FINISHERS,
+    Cancel,
+    Complete,
+    Create,
+    Fail,
+    Plan,
+    Quotas,
+    Request,
+    TaskWrite,
+    plan_batch,
+)
 from ..models import TaskState, TaskStatus
+from ..tree import MAX_DEPTH
 from .postgres_db import PostgresDatabase
 from .records import iso_time
 
-_LOCK_TASKS = (
-    "SELECT id, user_id, kind, status, progress, step, seq, created_at, updated_at,"
-    " started_at, finished_at FROM tasks WHERE id = ANY($1::text[])"
-    " ORDER BY id FOR NO KEY UPDATE"
+_STATE_COLUMNS = (
+    "id, user_id, kind, status, progress, step, seq, created_at, updated_at, started_at,"
+    " finished_at, parent_id, weight, depth, finish, tree, rate, eta_s, meter"
 )
+_LOCK_TASKS = (
+    f"SELECT {_STATE_COLUMNS} FROM tasks WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE"
+)
+_RESULTS = "SELECT id, result FROM tasks WHERE id = ANY($1::text[])"
+_LOCK_SUBTREES = f"""
+WITH RECURSIVE below(id) AS (
+    SELECT id FROM tasks WHERE parent_id = ANY($1::text[])
+    UNION ALL
+    SELECT t.id FROM tasks t JOIN below b ON t.parent_id = b.id
+)
+SELECT {_STATE_COLUMNS} FROM tasks WHERE id IN (SELECT id FROM below)
+ORDER BY id FOR NO KEY UPDATE
+"""
 _LOCK_USERS = (
     "SELECT id, stored_bytes FROM users WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE"
 )
@@ -49,19 +73,39 @@ _COUNT_UNFINISHED = (
     "SELECT user_id, count(*) FROM tasks WHERE user_id = ANY($1::bigint[])"
     " AND status IN ('pending', 'running') GROUP BY user_id"
 )
+_INSERT_TYPES = (
+    "text bigint text text text float8 text text text text bigint text text text text text"
+    " bigint text float8 int int text float8 float8 text"
+).split()
+_UPDATE_NAMES = (
+    "id status progress step set_message message result error seq set_checkpoint checkpoint"
+    " updated_at started_at finished_at bytes tree rate eta_s meter"
+).split()
+_UPDATE_TYPES = (
+    "text text float8 text bool text text text bigint bool text text text text bigint text"
+    " float8 float8 text"
+).split()
+_EVENT_TYPES = (
+    "text bigint text text float8 text text text text text bigint float8 float8 text".split()
+)
+
+
+def _arrays(types: list[str], first: int) -> str:
+    return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+
+
+_I, _U, _E = len(_INSERT_TYPES), len(_UPDATE_TYPES), len(_EVENT_TYPES)
 #: The whole plan in one statement. Data-modifying CTEs all run, on one snapshot; no task
 #: is both inserted and updated (a task created in the batch is written once, in its final
 #: state), and the events' foreign keys are checked at the end of the statement, when the
 #: new tasks exist.
-_WRITE_PLAN = """
+_WRITE_PLAN = f"""
 WITH new_tasks AS (
     INSERT INTO tasks (id, user_id, kind, params, status, progress, step, message, result,
                        error, seq, checkpoint, created_at, updated_at, started_at,
-                       finished_at, bytes)
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                         $6::float8[], $7::text[], $8::text[], $9::text[], $10::text[],
-                         $11::bigint[], $12::text[], $13::text[], $14::text[], $15::text[],
-                         $16::text[], $17::bigint[])
+                       finished_at, bytes, parent_id, weight, depth, finish, tree, rate,
+                       eta_s, meter)
+    SELECT * FROM unnest({_arrays(_INSERT_TYPES, 1)})
 ), changed AS (
     UPDATE tasks t SET
         status = u.status, progress = u.progress, step = u.step,
@@ -70,27 +114,22 @@ WITH new_tasks AS (
         seq = u.seq,
         checkpoint = CASE WHEN u.set_checkpoint THEN u.checkpoint ELSE t.checkpoint END,
         updated_at = u.updated_at, started_at = u.started_at, finished_at = u.finished_at,
-        bytes = t.bytes + u.bytes
-    FROM unnest($18::text[], $19::text[], $20::float8[], $21::text[], $22::bool[],
-                $23::text[], $24::text[], $25::text[], $26::bigint[], $27::bool[],
-                $28::text[], $29::text[], $30::text[], $31::text[], $32::bigint[])
-        AS u(id, status, progress, step, set_message, message, result, error, seq,
-             set_checkpoint, checkpoint, updated_at, started_at, finished_at, bytes)
+        bytes = t.bytes + u.bytes, tree = u.tree, rate = u.rate, eta_s = u.eta_s,
+        meter = u.meter
+    FROM unnest({_arrays(_UPDATE_TYPES, 1 + _I)}) AS u({", ".join(_UPDATE_NAMES)})
     WHERE t.id = u.id
 ), events AS (
     INSERT INTO task_events (task_id, seq, event, status, progress, step, message, result,
-                             error, ts, bytes)
-    SELECT * FROM unnest($33::text[], $34::bigint[], $35::text[], $36::text[],
-                         $37::float8[], $38::text[], $39::text[], $40::text[],
-                         $41::text[], $42::text[], $43::bigint[])
+                             error, ts, bytes, rate, eta_s, child)
+    SELECT * FROM unnest({_arrays(_EVENT_TYPES, 1 + _I + _U)})
 ), charged AS (
     UPDATE users SET stored_bytes = stored_bytes + d.delta
-    FROM unnest($44::bigint[], $45::bigint[]) AS d(id, delta)
+    FROM unnest(${1 + _I + _U + _E}::bigint[], ${2 + _I + _U + _E}::bigint[]) AS d(id, delta)
     WHERE users.id = d.id
 )
 SELECT 1
 """
-_INSERT_COLUMNS, _UPDATE_COLUMNS, _EVENT_COLUMNS = 17, 15, 11
+_INSERT_COLUMNS, _UPDATE_COLUMNS, _EVENT_COLUMNS = _I, _U, _E
 _READ_ANSWERS = (
     "SELECT k.user_id, k.key, k.fingerprint, k.status, k.body FROM idempotency_keys k"
     " JOIN unnest($1::bigint[], $2::text[]) AS c(user_id, key)"
@@ -134,6 +173,14 @@ def state_from_row(row: asyncpg.Record) -> TaskState:
         updated_at=row["updated_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        parent_id=row["parent_id"],
+        weight=number(row["weight"]),
+        depth=row["depth"],
+        finish=row["finish"],
+        tree=row["tree"],
+        rate=row["rate"],
+        eta_s=row["eta_s"],
+        meter=row["meter"],
     )
 
 
@@ -148,6 +195,9 @@ class _View:
         self._unfinished = unfinished
         #: Stored answers of the batch's idempotency keys, read before planning.
         self.answers: dict[tuple[int, str], Answer] = {}
+        #: Children of the locked parents (read before planning), and their results.
+        self.child_ids: dict[str, list[str]] = {}
+        self.child_results: dict[str, str | None] = {}
 
     def task(self, task_id: str) -> TaskState | None:
         return self._tasks.get(task_id)
@@ -161,6 +211,15 @@ class _View:
     def answer(self, claim: Claim) -> Answer | None:
         return self.answers.get((claim.user_id, claim.key))
 
+    def children(self, parent_id: str) -> list[TaskState]:
+        if parent_id not in self.child_ids:
+            # plan_and_write locks every subtree a plan may reach: this is a bug.
+            raise RuntimeError(f"children of {parent_id} were not read before planning")
+        return [self._tasks[i] for i in self.child_ids[parent_id]]
+
+    def results(self, task_ids: Sequence[str]) -> dict[str, str | None]:
+        return {i: self.child_results.get(i) for i in task_ids}
+
 
 async def plan_and_write(
     conn: asyncpg.Connection,
@@ -169,13 +228,27 @@ async def plan_and_write(
     clock: Callable[[], str],
 ) -> Plan:
     """Inside a transaction: lock what the batch touches, plan it, write the plan."""
-    task_ids = sorted({r.task_id for r in requests if not isinstance(r.change, Create)})
+    task_ids = {r.task_id for r in requests if not isinstance(r.change, Create)}
+    task_ids |= {
+        r.change.parent_id
+        for r in requests
+        if isinstance(r.change, Create) and r.change.parent_id is not None
+    }
     creators = {r.change.user_id for r in requests if isinstance(r.change, Create)}
     tasks: dict[str, TaskState] = {}
-    if task_ids:
-        for row in await conn.fetch(_LOCK_TASKS, task_ids):
+    wanted = sorted(task_ids)
+    # The tasks, then their ancestors (a child's event changes its parents' progress),
+    # level by level; the rare deadlock this order allows is retried by db.write.
+    for _ in range(MAX_DEPTH + 1):
+        if not wanted:
+            break
+        for row in await conn.fetch(_LOCK_TASKS, wanted):
             state = state_from_row(row)
             tasks[state.id] = state
+        wanted = sorted(
+            {s.parent_id for s in tasks.values() if s.parent_id and s.parent_id not in tasks}
+        )
+    child_ids, child_results = await _lock_subtrees(conn, requests, tasks)
     user_ids = sorted(creators | {state.user_id for state in tasks.values()})
     stored: dict[int, int] = {}
     if user_ids:
@@ -186,6 +259,7 @@ async def plan_and_write(
     if quotas.max_unfinished_tasks and counted:
         unfinished = {row[0]: row[1] for row in await conn.fetch(_COUNT_UNFINISHED, counted)}
     view = _View(tasks, stored, unfinished)
+    view.child_ids, view.child_results = child_ids, child_results
     claims = [r.claim for r in requests if r.claim is not None]
     if claims:
         cutoff = iso_time(time.time() - KEEP_SECONDS)
@@ -211,6 +285,50 @@ async def plan_and_write(
     if plan.writes:
         await conn.execute(_WRITE_PLAN, *_plan_arguments(plan))
     return plan
+
+
+async def _lock_subtrees(
+    conn: asyncpg.Connection, requests: Sequence[Request], tasks: dict[str, TaskState]
+) -> tuple[dict[str, list[str]], dict[str, str | None]]:
+    """Lock the descendants a batch's finishing changes may reach, into `tasks`.
+
+    A task that finishes cancels its unfinished descendants, and its finishing may finish
+    its auto_finish parents in turn (which then list, or cancel, their children): so for
+    each task a request finishes, the subtree of its highest ancestor reachable through
+    auto_finish parents. Returns each locked parent's child ids, and the results of
+    children whose parent's kind has a finisher.
+    """
+    roots: set[str] = set()
+    for request in requests:
+        if not isinstance(request.change, Complete | Fail | Cancel):
+            continue
+        top = tasks.get(request.task_id)
+        if top is None:
+            continue
+        while top.parent_id is not None and top.parent_id in tasks:
+            parent = tasks[top.parent_id]
+            if not parent.finish:
+                break
+            top = parent
+        roots.add(top.id)
+    child_ids: dict[str, list[str]] = {root: [] for root in roots}
+    results: dict[str, str | None] = {}
+    if not roots:
+        return child_ids, results
+    for row in await conn.fetch(_LOCK_SUBTREES, sorted(roots)):
+        state = tasks.setdefault(row["id"], state_from_row(row))
+        child_ids.setdefault(state.id, [])
+        assert state.parent_id is not None
+        child_ids.setdefault(state.parent_id, []).append(state.id)
+    with_finisher = [
+        child
+        for parent, children in child_ids.items()
+        if parent in tasks and tasks[parent].kind in FINISHERS
+        for child in children
+    ]
+    if with_finisher:
+        results = {row[0]: row[1] for row in await conn.fetch(_RESULTS, with_finisher)}
+    return child_ids, results
 
 
 async def apply(
@@ -247,6 +365,9 @@ def _plan_arguments(plan: Plan) -> list[list[Any]]:
                 e.error,
                 e.ts,
                 e.stored_bytes,
+                e.rate,
+                e.eta_s,
+                e.child,
             )
             for e in write.events
         )
@@ -280,6 +401,14 @@ def _insert_row(write: TaskWrite) -> tuple[Any, ...]:
         state.started_at,
         state.finished_at,
         write.row_bytes,
+        task.parent_id,
+        task.weight,
+        task.depth,
+        task.finish,
+        state.tree,
+        state.rate,
+        state.eta_s,
+        state.meter,
     )
 
 
@@ -301,4 +430,8 @@ def _update_row(write: TaskWrite) -> tuple[Any, ...]:
         state.started_at,
         state.finished_at,
         write.row_bytes,
+        state.tree,
+        state.rate,
+        state.eta_s,
+        state.meter,
     )

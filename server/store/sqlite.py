@@ -41,9 +41,12 @@ _AUTO_VACUUM_INCREMENTAL = 2
 
 _TASK_COLUMNS = (
     "id, user_id, kind, params, status, progress, step, message, result, error, seq,"
-    " checkpoint, created_at, updated_at, started_at, finished_at"
+    " checkpoint, created_at, updated_at, started_at, finished_at, parent_id, weight, depth,"
+    " finish, tree, rate, eta_s"
 )
-_EVENT_COLUMNS = "task_id, seq, event, status, progress, step, message, result, error, ts"
+_EVENT_COLUMNS = (
+    "task_id, seq, event, status, progress, step, message, result, error, ts, rate, eta_s, child"
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,13 @@ def _task_from_row(row: sqlite3.Row) -> Task:
         updated_at=row["updated_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        parent_id=row["parent_id"],
+        weight=row["weight"],
+        depth=row["depth"],
+        finish=row["finish"],
+        tree=row["tree"],
+        rate=row["rate"],
+        eta_s=row["eta_s"],
     )
 
 
@@ -81,6 +91,9 @@ def _event_from_row(row: sqlite3.Row) -> Event:
         result=row["result"],
         error=row["error"],
         ts=row["ts"],
+        rate=row["rate"],
+        eta_s=row["eta_s"],
+        child=row["child"],
     )
 
 
@@ -174,6 +187,39 @@ class SQLiteStore:
         rows = await self._db.fetch(
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE rowid IN ({','.join('?' * len(chosen))})"
             " ORDER BY created_at DESC, rowid DESC",
+            [row[0] for row in chosen],
+            bulk=True,
+        )
+        more = cut or len(sizes) > limit
+        last = chosen[-1]
+        return TaskPage([_task_from_row(row) for row in rows], (last[1], last[0]) if more else None)
+
+    async def list_children(
+        self,
+        parent_id: str,
+        limit: int,
+        *,
+        after: tuple[str, int] | None = None,
+        max_bytes: int = MAX_PAGE_BYTES,
+    ) -> TaskPage:
+        """A task's children, oldest first; `after` continues a page as `before` does."""
+        where, args = "parent_id = ?", [parent_id]
+        if after is not None:
+            where += " AND (created_at, rowid) > (?, ?)"
+            args += list(after)
+        sizes = await self._db.fetch(
+            "SELECT rowid, created_at, bytes + coalesce(length(CAST(message AS BLOB)), 0)"
+            f" + coalesce(length(CAST(error AS BLOB)), 0) FROM tasks WHERE {where}"
+            " ORDER BY created_at, rowid LIMIT ?",
+            [*args, limit + 1],
+            bulk=True,
+        )
+        chosen, cut = fit(sizes[:limit], max_bytes, 2)
+        if not chosen:
+            return TaskPage([], None)
+        rows = await self._db.fetch(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE rowid IN ({','.join('?' * len(chosen))})"
+            " ORDER BY created_at, rowid",
             [row[0] for row in chosen],
             bulk=True,
         )

@@ -36,13 +36,17 @@ BYTES_TTL = 60.0
 
 _STATE_COLUMNS = (
     "id, user_id, kind, status, progress, step, seq, created_at, updated_at, started_at,"
-    " finished_at"
+    " finished_at, parent_id, weight, depth, finish, tree, rate, eta_s, meter"
 )
 _TASK_COLUMNS = (
     "id, user_id, kind, params, status, progress, step, message, result, error, seq,"
-    " checkpoint, created_at, updated_at, started_at, finished_at, bytes"
+    " checkpoint, created_at, updated_at, started_at, finished_at, bytes,"
+    " parent_id, weight, depth, finish, tree, rate, eta_s, meter"
 )
-_EVENT_COLUMNS = "task_id, seq, event, status, progress, step, message, result, error, ts, bytes"
+_EVENT_COLUMNS = (
+    "task_id, seq, event, status, progress, step, message, result, error, ts, bytes,"
+    " rate, eta_s, child"
+)
 #: SQLite result codes that say the database cannot take writes now, whatever the request:
 #: busy or locked, full, read-only, I/O error, corrupt, cannot open.
 TRANSIENT_CODES = frozenset(
@@ -84,6 +88,14 @@ def _state_from_row(row: sqlite3.Row) -> TaskState:
         updated_at=row["updated_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        parent_id=row["parent_id"],
+        weight=row["weight"],
+        depth=row["depth"],
+        finish=row["finish"],
+        tree=row["tree"],
+        rate=row["rate"],
+        eta_s=row["eta_s"],
+        meter=row["meter"],
     )
 
 
@@ -124,6 +136,21 @@ class _View:
             return None
         self._writer.remember_bytes(user_id, row[0])
         return int(row[0])
+
+    def children(self, parent_id: str) -> list[TaskState]:
+        rows = self._conn.execute(
+            f"SELECT {_STATE_COLUMNS} FROM tasks WHERE parent_id = ?", (parent_id,)
+        ).fetchall()
+        return [self._writer.states.get(row["id"]) or _state_from_row(row) for row in rows]
+
+    def results(self, task_ids: Sequence[str]) -> dict[str, str | None]:
+        if not task_ids:
+            return {}
+        rows = self._conn.execute(
+            f"SELECT id, result FROM tasks WHERE id IN ({','.join('?' * len(task_ids))})",
+            list(task_ids),
+        ).fetchall()
+        return {row[0]: row[1] for row in rows}
 
     def answer(self, claim: Claim) -> Answer | None:
         row = self._conn.execute(
@@ -241,13 +268,15 @@ class TaskWriter:
                     e.error,
                     e.ts,
                     e.stored_bytes,
+                    e.rate,
+                    e.eta_s,
+                    e.child,
                 )
                 for e in write.events
             )
         if inserts:
             conn.executemany(
-                f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({', '.join('?' * 25)})",
                 inserts,
             )
         if updates:
@@ -256,13 +285,14 @@ class TaskWriter:
                 " message = CASE WHEN ? THEN ? ELSE message END,"
                 " result = COALESCE(?, result), error = COALESCE(?, error), seq = ?,"
                 " checkpoint = CASE WHEN ? THEN ? ELSE checkpoint END, updated_at = ?,"
-                " started_at = ?, finished_at = ?, bytes = bytes + ? WHERE id = ?",
+                " started_at = ?, finished_at = ?, bytes = bytes + ?, tree = ?, rate = ?,"
+                " eta_s = ?, meter = ? WHERE id = ?",
                 updates,
             )
         if events:
             conn.executemany(
                 f"INSERT INTO task_events ({_EVENT_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 events,
             )
         if bytes_delta:
@@ -293,6 +323,14 @@ def _insert_row(write: TaskWrite) -> tuple[Any, ...]:
         state.started_at,
         state.finished_at,
         write.row_bytes,
+        task.parent_id,
+        task.weight,
+        task.depth,
+        task.finish,
+        state.tree,
+        state.rate,
+        state.eta_s,
+        state.meter,
     )
 
 
@@ -313,5 +351,9 @@ def _update_row(write: TaskWrite) -> tuple[Any, ...]:
         state.started_at,
         state.finished_at,
         write.row_bytes,
+        state.tree,
+        state.rate,
+        state.eta_s,
+        state.meter,
         state.id,
     )

@@ -3,6 +3,7 @@ serialises."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -46,6 +47,8 @@ _LIST_TASKS_QUERY = schemas.ListTasksQuery()
 _REPORT_PROGRESS = schemas.ReportProgress()
 _REPORT_PROGRESS_BATCH = schemas.ReportProgressBatch()
 _STOCK_PARAMS = schemas.StockParams()
+_ANALYZE_STOCK = schemas.AnalyzeStock()
+_LIST_CHILDREN_QUERY = schemas.ListChildrenQuery()
 
 
 async def _object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
@@ -145,20 +148,28 @@ def _check_create_rate(request: web.Request, identity: Identity) -> None:
 
 
 async def _create(
-    request: web.Request, identity: Identity, kind: str, params: dict[str, Any], body: Any
+    request: web.Request, identity: Identity, create: Create, body: Any
 ) -> web.Response:
     jobs = request.app[jobs_key]
-    if jobs.is_builtin(kind):
-        params = validate(_STOCK_PARAMS, params)
-        params["code"] = params["code"].upper()
-    raw = _raw_json(request, "params", params)
     claim = _claim(request, identity, body)
-    outcome, response = await _perform(
-        request, identity, "", Create(identity.user_id, kind, raw), claim
-    )
-    if jobs.is_builtin(kind) and outcome.created is not None:
-        jobs.start(outcome.created)
+    outcome, response = await _perform(request, identity, "", create, claim)
+    for task in (outcome.created, *outcome.children):
+        if task is not None and jobs.is_builtin(task.kind):
+            jobs.start(task)
     return response
+
+
+def _placed(
+    identity: Identity, kind: str, raw: str, data: dict[str, Any], finish: int = 0
+) -> Create:
+    return Create(
+        identity.user_id,
+        kind,
+        raw,
+        parent_id=data.get("parent_id"),
+        weight=data.get("weight", 1),
+        finish=finish,
+    )
 
 
 @routes.post("/api/v1/tasks")
@@ -167,16 +178,38 @@ async def create_task(request: web.Request) -> web.Response:
     _check_create_rate(request, identity)
     body = await _object(request)
     data = validate(_CREATE_TASK, body)
-    return await _create(request, identity, data["kind"], data["params"], body)
+    params = data["params"]
+    if request.app[jobs_key].is_builtin(data["kind"]):
+        params = validate(_STOCK_PARAMS, params)
+        params["code"] = params["code"].upper()
+    finish = 0 if not data["auto_finish"] else 2 if data["fail_fast"] else 1
+    raw = _raw_json(request, "params", params)
+    create = _placed(identity, data["kind"], raw, data, finish)
+    return await _create(request, identity, create, body)
 
 
 @routes.post("/api/v1/stock/analyze")
 async def analyze_stock(request: web.Request) -> web.Response:
+    """`{code}`: one analysis; `{codes}`: a parent with a child analysis per code, which
+    finishes by itself and ranks the codes by their signal's score."""
     identity = await _writer(request)
     _check_create_rate(request, identity)
     body = await _object(request)
-    data = validate(_STOCK_PARAMS, body)
-    return await _create(request, identity, schemas.STOCK_ANALYSIS, data, body)
+    data = validate(_ANALYZE_STOCK, body)
+    if "code" in data:
+        raw = _raw_json(request, "params", {"code": data["code"].upper()})
+        create = _placed(identity, schemas.STOCK_ANALYSIS, raw, data)
+        return await _create(request, identity, create, body)
+    codes = [code.upper() for code in data["codes"]]
+    children = tuple(
+        Create(identity.user_id, schemas.STOCK_ANALYSIS, _raw_json(request, "params", {"code": c}))
+        for c in codes
+    )
+    raw = _raw_json(request, "params", {"codes": codes})
+    parent = dataclasses.replace(
+        _placed(identity, schemas.STOCK_ANALYSIS_BATCH, raw, data, finish=1), children=children
+    )
+    return await _create(request, identity, parent, body)
 
 
 @routes.get("/api/v1/tasks")
@@ -218,6 +251,22 @@ async def list_events(request: web.Request) -> web.Response:
     following = page.events[-1].seq if page.more else None
     items = ",".join(e.to_json() for e in page.events)
     return _json(f'{{"events":[{items}],"next_after_seq":{dumps(following)}}}')
+
+
+@routes.get("/api/v1/tasks/{task_id}/children")
+async def list_children(request: web.Request) -> web.Response:
+    """A task's children, oldest first, paged like the task list."""
+    identity = await _reader(request)
+    query = validate(_LIST_CHILDREN_QUERY, dict(request.query))
+    task = await _owned_task(request, identity)
+    after = None
+    if query["cursor"] is not None:
+        created_at, _, rowid = query["cursor"].partition("~")
+        after = (created_at, int(rowid))
+    page = await request.app[store_key].list_children(task.id, query["limit"], after=after)
+    cursor = None if page.next is None else f"{page.next[0]}~{page.next[1]}"
+    items = ",".join(t.to_json() for t in page.tasks)
+    return _json(f'{{"tasks":[{items}],"next_cursor":{dumps(cursor)}}}')
 
 
 def _check_task_rate(request: web.Request, identity: Identity) -> None:

@@ -351,6 +351,8 @@ def _account_paths() -> dict[str, dict[str, Any]]:
 _CREATE_ERRORS: Errors = {
     **_BODY,
     **_auth_errors(),
+    404: ("not_found",),
+    409: ("parent_finished",),
     422: ("validation_error", "idempotency_key_reused"),
     429: ("rate_limited", "quota_exceeded"),
     503: _WRITES,
@@ -399,8 +401,15 @@ def _task_paths() -> dict[str, dict[str, Any]]:
                 "tasks",
                 "Start the built-in stock analysis",
                 security=_WRITE,
-                body=_json_body(schemas.StockParams),
-                success={201: _answer("The new task (kind `stock_analysis`).", answers.Task)},
+                body=_json_body(schemas.AnalyzeStock),
+                success={
+                    201: _answer(
+                        "The new task: kind `stock_analysis` for `{code}`; for `{codes}` a"
+                        " parent of kind `stock_analysis_batch` with a child analysis per"
+                        " code, which completes by itself with the codes ranked by score.",
+                        answers.Task,
+                    )
+                },
                 errors=_CREATE_ERRORS,
                 idempotent=True,
             )
@@ -414,6 +423,18 @@ def _task_paths() -> dict[str, dict[str, Any]]:
                 security=_READ_TASK,
                 success={200: task},
                 errors=read_errors,
+            ),
+        },
+        "/api/v1/tasks/{task_id}/children": {
+            "parameters": [_TASK_ID],
+            "get": _operation(
+                "list_children",
+                "tasks",
+                "A task's children, oldest first",
+                security=_READ_TASK,
+                parameters=[_query(schemas.ListChildrenQuery)],
+                success={200: _answer("A page of child tasks.", answers.TaskPage)},
+                errors={**read_errors, 422: ("validation_error",)},
             ),
         },
         "/api/v1/tasks/{task_id}/events": {
@@ -447,7 +468,11 @@ def _task_paths() -> dict[str, dict[str, Any]]:
                         {"oneOf": [answers.Seq, answers.BatchSeq]},
                     )
                 },
-                errors={**_CHANGE_ERRORS, 429: ("rate_limited", "quota_exceeded")},
+                errors={
+                    **_CHANGE_ERRORS,
+                    409: ("task_finished", "progress_from_children"),
+                    429: ("rate_limited", "quota_exceeded"),
+                },
                 idempotent=True,
             ),
         },

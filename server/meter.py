@@ -1,0 +1,68 @@
+"""Rate and ETA of a task's progress: an exponential moving average, as tqdm smooths its.
+
+The meter keeps a reference point (time and progress of the last update it counted) and
+moving averages of the progress made and the time taken between updates; the rate is their
+ratio (percent per second), so one burst or one stall moves it part of the way only, and a
+pause makes it fall gradually rather than to zero. It is computed at commit from the
+task's own history and stored with the task, so every watcher sees the same numbers and
+they continue across restarts. Pure.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+#: Weight of the newest interval in the moving averages (tqdm's `smoothing` default).
+SMOOTHING = 0.3
+#: The rate is shown once the task has had this many updates ...
+MIN_UPDATES = 2
+#: ... over at least this many seconds.
+MIN_SPAN = 1.0
+#: Updates closer than this (seconds) are folded into the next interval (a batch shares one
+#: timestamp).
+MIN_INTERVAL = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    #: Epoch seconds and progress of the reference point (the last counted update).
+    t: float
+    p: float
+    #: Epoch seconds of the first update, and updates seen.
+    t0: float
+    n: int
+    #: Moving averages of progress made (percent) and time taken (seconds) per interval.
+    dp: float = 0.0
+    dt: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str | None) -> Meter | None:
+        return None if text is None else Meter(**json.loads(text))
+
+
+def advance(
+    meter: Meter | None, progress: float, now: float
+) -> tuple[Meter, float | None, float | None]:
+    """The meter after an update to `progress` at `now`, and the (rate, eta_s) to show:
+    None until MIN_UPDATES over MIN_SPAN seconds; eta_s None at a rate of 0."""
+    if meter is None:
+        return Meter(t=now, p=progress, t0=now, n=1), None, None
+    n = meter.n + 1
+    interval = now - meter.t
+    if interval < MIN_INTERVAL:
+        meter = Meter(meter.t, meter.p, meter.t0, n, meter.dp, meter.dt)
+    else:
+        first = meter.dt == 0.0
+        made = progress - meter.p
+        dp = made if first else SMOOTHING * made + (1 - SMOOTHING) * meter.dp
+        dt = interval if first else SMOOTHING * interval + (1 - SMOOTHING) * meter.dt
+        meter = Meter(now, progress, meter.t0, n, dp, dt)
+    if meter.dt == 0.0 or n < MIN_UPDATES or now - meter.t0 < MIN_SPAN:
+        return meter, None, None
+    rate = max(0.0, meter.dp / meter.dt)
+    eta = round((100.0 - progress) / rate, 1) if rate > 0 else None
+    return meter, round(rate, 4), eta
