@@ -307,16 +307,45 @@ class AsyncClient:
         params: Mapping[str, Any] | None = None,
         *,
         idempotency_key: str | None = None,
+        parent_id: str | None = None,
+        weight: float = 1,
+        auto_finish: bool = False,
+        fail_fast: bool = False,
     ) -> AsyncTask:
         """Create an external task (status `pending`) and return it, bound to this client.
 
         `idempotency_key`: pass one derived from your own job id (a Celery task id, say)
         and a re-run of the same job gets the same task back instead of a second one
         (within the server's 24 h). By default a fresh key is made for this one call.
+        `parent_id` makes it a child counting `weight` in that task's progress; a parent
+        created with `auto_finish` completes (or fails) by itself when its children end.
         """
-        body = {"kind": kind, "params": dict(params or {})}
+        body: dict[str, Any] = {"kind": kind, "params": dict(params or {})}
+        if parent_id is not None:
+            body["parent_id"] = parent_id
+        if weight != 1:
+            body["weight"] = weight
+        if auto_finish:
+            body["auto_finish"] = True
+        if fail_fast:
+            body["fail_fast"] = True
         key = idempotency_key or uuid.uuid4().hex
         return self._bind(await self._call("POST", "/tasks", body, idempotency_key=key))
+
+    async def list_children(self, task_id: str, limit: int = 1000) -> list[AsyncTask]:
+        """The task's children, oldest first, following the server's pages."""
+        tasks: list[AsyncTask] = []
+        cursor: str | None = None
+        while len(tasks) < limit:
+            params: dict[str, Any] = {"limit": min(1000, limit - len(tasks))}
+            if cursor is not None:
+                params["cursor"] = cursor
+            page = await self._call("GET", f"/tasks/{_task_path(task_id)}/children", params=params)
+            tasks.extend(self._bind(item) for item in page["tasks"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        return tasks
 
     async def get_task(self, task_id: str) -> AsyncTask:
         """The task as the server has it now (404 `not_found` if missing or not yours)."""

@@ -33,6 +33,16 @@ class Task:
     updated_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    #: Smoothed rate (percent per second) and seconds left at that rate; None while unknown.
+    rate: float | None = None
+    eta_s: float | None = None
+    #: Its parent (None: a root task), its weight in the parent's progress, and how many
+    #: children it has by status (`total`, `pending`, `running`, `completed`, ...).
+    parent_id: str | None = None
+    weight: float = 1
+    auto_finish: bool = False
+    fail_fast: bool = False
+    children: dict[str, int] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -65,6 +75,13 @@ _TASK_FIELDS = (
     "updated_at",
     "started_at",
     "finished_at",
+    "rate",
+    "eta_s",
+    "parent_id",
+    "weight",
+    "auto_finish",
+    "fail_fast",
+    "children",
 )
 
 
@@ -74,6 +91,8 @@ def _task_fields(data: dict[str, Any]) -> dict[str, Any]:
         fields["params"] = {}
     if fields.get("progress") is None:
         fields["progress"] = 0
+    if fields.get("children") is None:
+        fields["children"] = {}
     return fields
 
 
@@ -99,6 +118,11 @@ class Event:
     ts: str | None = None
     result: Any = None
     error: str | None = None
+    #: On progress events: the task's smoothed rate (percent/s) and ETA (s), or None.
+    rate: float | None = None
+    eta_s: float | None = None
+    #: On a parent's progress events: the child that moved it, {id, seq, status, progress}.
+    child: dict[str, Any] | None = None
     #: The whole task, on snapshots only.
     task: Task | None = None
     #: False on a `"recovered": false` snapshot; True otherwise.
@@ -129,6 +153,9 @@ class Event:
             ts=data.get("ts"),
             result=data.get("result"),
             error=data.get("error"),
+            rate=data.get("rate"),
+            eta_s=data.get("eta_s"),
+            child=data.get("child"),
             raw=data,
         )
 
@@ -147,6 +174,8 @@ class Event:
             ts=task.updated_at,
             result=task.result,
             error=task.error,
+            rate=task.rate,
+            eta_s=task.eta_s,
             task=task,
             recovered=data.get("recovered") is not False,
             raw=data,

@@ -195,11 +195,28 @@ class Client:
         params: Mapping[str, Any] | None = None,
         *,
         idempotency_key: str | None = None,
+        parent_id: str | None = None,
+        weight: float = 1,
+        auto_finish: bool = False,
+        fail_fast: bool = False,
     ) -> SyncTask:
         """See `AsyncClient.create_task`."""
         return self._bind(
-            self._run(self.aio.create_task(kind, params, idempotency_key=idempotency_key))
+            self._run(
+                self.aio.create_task(
+                    kind,
+                    params,
+                    idempotency_key=idempotency_key,
+                    parent_id=parent_id,
+                    weight=weight,
+                    auto_finish=auto_finish,
+                    fail_fast=fail_fast,
+                )
+            )
         )
+
+    def list_children(self, task_id: str, limit: int = 1000) -> list[SyncTask]:
+        return [self._bind(t) for t in self._run(self.aio.list_children(task_id, limit))]
 
     def get_task(self, task_id: str) -> SyncTask:
         return self._bind(self._run(self.aio.get_task(task_id)))
