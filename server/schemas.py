@@ -41,7 +41,17 @@ class Number(fields.Float):
         return int(number) if number == int(number) else number
 
 
-class WireString(fields.String):
+class Text(fields.String):
+    """A string that every store can keep: no NUL character (PostgreSQL's text refuses it)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise ValidationError("Not valid text: a NUL character (\\u0000).")
+        return text
+
+
+class WireString(Text):
     """A string bounded in bytes of its wire form (JSON-escaped UTF-8), not code points."""
 
     def __init__(self, max_bytes: int, **kwargs: Any) -> None:
@@ -182,7 +192,7 @@ class ReportProgress(Schema):
     progress = Number(required=True, validate=validate.Range(min=0, max=100))
     step = WireString(budget.MAX_STEP_BYTES, allow_none=True)
     #: Up to --max-json-bytes: workers may send a log excerpt (checked by the handler).
-    message = fields.String(allow_none=True)
+    message = Text(allow_none=True)
 
 
 #: Most updates in one batch progress post.

@@ -186,3 +186,26 @@ async def test_viewers_of_a_share_count_apart_from_the_owner(
     assert (await mine.receive_json(timeout=5))["type"] == "snapshot"
     for ws in (*viewers, mine):
         await ws.close()
+
+
+async def test_behind_a_trusted_proxy_the_link_names_the_public_origin(
+    aiohttp_client: Any, config: Any
+) -> None:
+    """From a --trusted-proxies peer, X-Forwarded-Proto/Host make the link's origin; from
+    anyone else they are ignored."""
+    import dataclasses
+
+    from server.web.app import create_app
+
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "progress.example.com"}
+    cases = ((("127.0.0.1",), "https://progress.example.com/#"), ((), "http://127.0.0.1:"))
+    for n, (trusted, expected) in enumerate(cases):
+        app = create_app(dataclasses.replace(config, trusted_proxies=trusted))
+        client = await aiohttp_client(app)
+        owner = await register(client, f"user{n}")
+        task = await create_task(client, owner)
+        resp = await client.post(
+            f"/api/v1/tasks/{task['id']}/share", json={}, headers={**auth_headers(owner), **headers}
+        )
+        assert (await resp.json())["url"].startswith(expected)
+        await client.close()

@@ -16,7 +16,7 @@ from ..errors import NotFound
 from ..models import Task
 from ..store.records import iso_time
 from .bodies import json_object, read_body, validate
-from .guards import authenticate
+from .guards import authenticate, public_origin
 from .keys import credentials_key, store_key
 
 routes = web.RouteTableDef()
@@ -87,7 +87,7 @@ async def share_task(request: web.Request) -> web.Response:
     token, expires_at = await request.app[credentials_key].create_share(
         task.id, task.user_id, data["ttl_s"]
     )
-    url = f"{request.scheme}://{request.host}/#task={task.id}&share={token}"
+    url = f"{public_origin(request)}/#task={task.id}&share={token}"
     return web.json_response(
         {"token": token, "expires_at": iso_time(expires_at), "url": url}, status=201
     )

@@ -189,6 +189,23 @@ def rate_key(address: str) -> str:
     return address
 
 
+def public_origin(request: web.BaseRequest) -> str:
+    """The scheme://host clients reach this server at: the request's own, or, from a
+    `--trusted-proxies` peer, what its `X-Forwarded-Proto` and `X-Forwarded-Host` say (a
+    TLS-terminating proxy talks plain HTTP to us)."""
+    scheme, host = request.scheme, request.host
+    peer = parse_address(request.remote or "")
+    trusted = request.app[trusted_proxies_key]
+    if peer is not None and trusted and _trusted(peer, trusted):
+        proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        if proto in ("http", "https"):
+            scheme = proto
+        forwarded_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        if forwarded_host and len(forwarded_host) <= 255 and forwarded_host.isprintable():
+            host = forwarded_host
+    return f"{scheme}://{host}"
+
+
 def peer_address(request: web.BaseRequest) -> str:
     """`client_address` with the app's `--trusted-proxies`."""
     return client_address(request, request.app[trusted_proxies_key])
