@@ -395,7 +395,8 @@ class Config:
         64,
         "--max-connections-per-user",
         "PROGRESS_MAX_CONNECTIONS_PER_USER",
-        "open WebSocket connections per user on this node, more get 429 (0 = no limit)",
+        "open WebSocket and SSE connections per user on this node (share-token viewers count"
+        " apart from the owner's own), more get 429 (0 = no limit)",
         check=non_negative,
     )
     max_connections: int = setting(
