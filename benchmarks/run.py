@@ -144,6 +144,8 @@ def print_table(results: dict[str, Any]) -> None:
     print()
     for scenario, reason in results.get("skipped", {}).items():
         print(f"{scenario} skipped: {reason}")
+    loads = ", ".join(f"{k} {v:.2f}" for k, v in results.get("load_1m", {}).items())
+    print(f"load average (1 min) before each scenario: {loads}")
     for line in results["targets"]:
         print(line)
 
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": dataclasses.asdict(sizes),
         "repeat": args.repeat,
         "scenarios": {},
+        # The machine may be shared: its 1-minute load average before each scenario's runs
+        # and at the end says how much else was running.
+        "load_1m": {},
         "server_args": list(SERVER_ARGS + EXTRA_ARGS),
         "abuse_server_args": list(ABUSE_ARGS + EXTRA_ARGS),
     }
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in chosen:
             title, _, with_reference = SCENARIOS[scenario]
             results["scenarios"][scenario] = {}
+            results["load_1m"][scenario] = os.getloadavg()[0]
             for name, extra in variants(scenario, with_reference, sizes):
                 runs = []
                 for i in range(args.repeat):
@@ -245,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["scenarios"][scenario][name] = summarise(runs)
     finally:
         backing.close()
+    results["load_1m"]["end"] = os.getloadavg()[0]
     results["targets"] = check_targets(results)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
