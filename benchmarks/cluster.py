@@ -20,6 +20,7 @@ database and nodes of its own (`run.py --store postgresql://… [--broker redis:
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import tempfile
 import time
@@ -98,6 +99,11 @@ class Backing:
     def drop_database(self, database: str) -> None:
         self.pg.drop_database(database)
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of Redis and of PostgreSQL (the postmaster and its children)."""
+        postmaster = int((self.pg.data / "postmaster.pid").read_text().split()[0])
+        return {"redis": cpu_seconds(self.redis.proc.pid), "postgres": _tree_cpu(postmaster)}
+
     def close(self) -> None:
         if self.redis is not None:
             self.redis.stop()
@@ -108,6 +114,32 @@ class Backing:
         if self._redis_dir is not None:
             shutil.rmtree(self._redis_dir, ignore_errors=True)
         self.pg = self.redis = self._redis_dir = None
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state first)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds of `root`, of its live children, and of its children that have exited.
+
+    A backend that exits is counted whole (its lifetime in the parent's cutime); the pools'
+    backends live as long as their node, so in a measuring window that is rare.
+    """
+    fields = _stat(root)
+    ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == root:
+            continue
+        try:
+            child = _stat(int(entry.name))
+        except OSError:  # exited meanwhile
+            continue
+        if int(child[1]) == root:
+            ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -198,8 +230,8 @@ async def _fanout_phase(
 ) -> dict[str, Any]:
     """One task, subscribers over the nodes, `posts` posts to node a as `drive` paces them.
 
-    Returns the clients' results, each node's CPU seconds and /metrics deltas, and when
-    the posting started.
+    Returns the clients' results, each node's CPU seconds and /metrics deltas, those of
+    Redis and PostgreSQL, and when the posting started.
     """
     a = dep.nodes[0]
     (task,) = await _prepare(a, 1)
@@ -210,17 +242,25 @@ async def _fanout_phase(
     async with await _session() as session:
         before = [await scrape(session, node) for node in dep.nodes]
         cpu0 = [cpu_seconds(node.pid) for node in dep.nodes]
+        backing0 = dep.backing.cpu()
         started = time.monotonic()
         await drive(lambda i: a.publish(session, task, stamp(), i % 100))
         # Every subscriber has had every event (or its deadline passed): the nodes are done.
         results = pool.collect()
         cpu = [cpu_seconds(node.pid) - c for node, c in zip(dep.nodes, cpu0, strict=True)]
+        backing = {k: v - backing0[k] for k, v in dep.backing.cpu().items()}
         after = [await scrape(session, node) for node in dep.nodes]
     deltas = [
         {key: value - b.get(key, 0.0) for key, value in x.items()}
         for b, x in zip(before, after, strict=True)
     ]
-    return {"results": results, "cpu": cpu, "metrics": deltas, "started": started}
+    return {
+        "results": results,
+        "cpu": cpu,
+        "backing_cpu": backing,
+        "metrics": deltas,
+        "started": started,
+    }
 
 
 def _per_node_p99(dep: Deployment, results: list[dict[str, Any]]) -> Figures:
@@ -281,6 +321,9 @@ async def fanout_nodes(dep: Deployment, sizes: Sizes) -> Figures:
     for name, cpu, metrics in zip(dep.names, burst["cpu"], burst["metrics"], strict=True):
         deliveries = metrics.get("progress_fanout_messages_total", 0.0)
         figures[f"{name}_cpu_us_per_delivery"] = _us(cpu, deliveries)
+    # Redis' own CPU is the rest of the broker's cost (PostgreSQL's is the commits).
+    for service, seconds in burst["backing_cpu"].items():
+        figures[f"{service}_cpu_us_per_event"] = _us(seconds, sizes.b2_posts)
     figures.update(_broker_figures(dep, [paced["metrics"], burst["metrics"]]))
     figures["client_cpu_s"] = latency["client_cpu_s"] + flat["client_cpu_s"]
     return figures
@@ -311,8 +354,15 @@ def _broker_figures(dep: Deployment, phases: list[list[dict[str, float]]]) -> Fi
 
 
 async def ingest_postgres(dep: Deployment, sizes: Sizes) -> Figures:
-    """B9: B6's ingest into PostgreSQL; then the committed events counted in PostgreSQL."""
+    """B9: B6's ingest into PostgreSQL; then the committed events counted in PostgreSQL.
+
+    PostgreSQL's CPU per event includes B6's setup (a task created and started per
+    producer: 2 % of the default run's writes).
+    """
+    backing0 = dep.backing.cpu()
     figures = await ingest(dep.nodes[0], sizes)
+    seconds = dep.backing.cpu()["postgres"] - backing0["postgres"]
+    figures["postgres_cpu_us_per_event"] = _us(seconds, figures["events"])
     figures["stored"] = dep.backing.count(
         dep.database, f"SELECT count(*) FROM task_events WHERE message = '{INGEST_MESSAGE}'"
     )
