@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": dataclasses.asdict(sizes),
         "repeat": args.repeat,
         "scenarios": {},
-        # The machine may be shared: its 1-minute load average before each scenario's runs
-        # and at the end says how much else was running.
+        # The 1-minute load average before each scenario and at the end: this run's own
+        # processes keep it near 3-4 on 2 cores, so much more means the machine is shared.
         "load_1m": {},
         "server_args": list(SERVER_ARGS + EXTRA_ARGS),
         "abuse_server_args": list(ABUSE_ARGS + EXTRA_ARGS),
