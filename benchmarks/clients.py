@@ -110,6 +110,8 @@ class Worker:
         caught = [s.caught_up_at for s in states if s.caught_up_at is not None]
         return {
             "clients": len(states),
+            # Results arrive in the order workers finish: the port says whose they are.
+            "port": spec.port,
             "received": sum(s.received for s in states),
             "expected": sum(len(s.tasks) for s in states) * spec.expected_per_task,
             "gaps": sum(s.gaps for s in states),

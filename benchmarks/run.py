@@ -2,7 +2,9 @@
 
 Starts the real server (and the bare-aiohttp reference) as subprocesses on temporary
 databases, drives them from separate client processes on 127.0.0.1, prints a table of
-min / median / max per figure with the ratio to the reference, and writes JSON.
+min / median / max per figure with the ratio to the reference, and writes JSON. B8 and B9
+also start a PostgreSQL and a Redis server (benchmarks/cluster.py); without them they are
+skipped, and say why.
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import abuse
+from . import abuse, cluster
 from .scenarios import SCENARIOS, Sizes, median
 from .targets import ROOT, Target, free_port
 
-SCENARIOS = {**SCENARIOS, "abuse": ("abuse resistance", abuse.abuse, False)}
+SCENARIOS = {
+    **SCENARIOS,
+    "abuse": ("abuse resistance", abuse.abuse, False),
+    **cluster.SCENARIOS,  # type: ignore[dict-item]  (they take a Deployment)
+}
+#: The variant the others' ratios are computed against (default: the reference).
+BASELINES = {"B8": "one_node"}
 
 #: Flags for the real server: limits raised so one benchmark user may open thousands of
 #: sockets and post as fast as it can; everything else is the default configuration.
@@ -52,15 +60,21 @@ def variants(scenario: str, with_reference: bool, sizes: Sizes) -> list[tuple[st
         if sizes.abuse_header_timeout:
             args = args + ["--header-timeout", str(sizes.abuse_header_timeout)]
         return [("server", args)]
+    if scenario == "B8":
+        return [(name, SERVER_ARGS + EXTRA_ARGS) for name in cluster.NODE_COUNTS]
     out = [("server", SERVER_ARGS + EXTRA_ARGS)]
     if with_reference:
         out.append(("reference", []))
-    if scenario == "B6":
+    if scenario in ("B6", "B9"):
         out.append(("naive", SERVER_ARGS + EXTRA_ARGS + NAIVE_ARGS))
     return out
 
 
-async def run_once(name: str, args: list[str], scenario: str, sizes: Sizes) -> dict[str, Any]:
+async def run_once(
+    name: str, args: list[str], scenario: str, sizes: Sizes, backing: cluster.Backing
+) -> dict[str, Any]:
+    if scenario in cluster.SCENARIOS:
+        return await cluster.run_once(scenario, name, args, sizes, backing)
     target = Target(
         name="reference" if name == "reference" else "server",
         port=free_port(),
@@ -104,29 +118,34 @@ def print_table(results: dict[str, Any]) -> None:
     print()
     if set(results["scenarios"]) - {"abuse"}:
         print(
-            f"{'id':4} {'variant':10} {'figure':20} {'min':>10} {'median':>10} {'max':>10} "
+            f"{'id':4} {'variant':10} {'figure':28} {'min':>10} {'median':>10} {'max':>10} "
             f"{'ratio':>8}"
         )
     for scenario, by_variant in results["scenarios"].items():
         if scenario == "abuse":
             continue  # printed beside its own baseline below
-        ref = by_variant.get("reference")
+        base = BASELINES.get(scenario, "reference")
+        ref = by_variant.get(base)
         for variant, figures in by_variant.items():
             for key, stats in figures.items():
                 if "median" not in stats:
-                    print(f"{scenario:4} {variant:10} {key:20} {'':>10} {fmt(stats['runs']):>10}")
+                    print(f"{scenario:4} {variant:10} {key:28} {'':>10} {fmt(stats['runs']):>10}")
                     continue
                 ratio = ""
-                if variant == "server" and ref and key in ref and "median" in ref[key]:
+                if variant != base and ref and key in ref and "median" in ref[key]:
                     base = ref[key]["median"]
                     ratio = fmt(stats["median"] / base) + "x" if base else ""
                 print(
-                    f"{scenario:4} {variant:10} {key:20} {fmt(stats['min']):>10} "
+                    f"{scenario:4} {variant:10} {key:28} {fmt(stats['min']):>10} "
                     f"{fmt(stats['median']):>10} {fmt(stats['max']):>10} {ratio:>8}"
                 )
     if "abuse" in results["scenarios"]:
         abuse.print_report(results["scenarios"]["abuse"]["server"])
     print()
+    for scenario, reason in results.get("skipped", {}).items():
+        print(f"{scenario} skipped: {reason}")
+    loads = ", ".join(f"{k} {v:.2f}" for k, v in results.get("load_1m", {}).items())
+    print(f"load average (1 min) before each scenario: {loads}")
     for line in results["targets"]:
         print(line)
 
@@ -160,6 +179,7 @@ def check_targets(results: dict[str, Any]) -> list[str]:
         )
     if "abuse" in sc:
         lines.extend(abuse.targets(sc["abuse"]["server"]))
+    lines.extend(cluster.targets(sc))
     if "B7" in sc:
         b7 = sc["B7"]["server"]
         clean = max(b7["gaps"]["runs"]) == 0 and max(b7["dups"]["runs"]) == 0
@@ -202,18 +222,36 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": dataclasses.asdict(sizes),
         "repeat": args.repeat,
         "scenarios": {},
+        # The 1-minute load average before each scenario and at the end: this run's own
+        # processes keep it near 3-4 on 2 cores, so much more means the machine is shared.
+        "load_1m": {},
         "server_args": list(SERVER_ARGS + EXTRA_ARGS),
         "abuse_server_args": list(ABUSE_ARGS + EXTRA_ARGS),
     }
-    for scenario in chosen:
-        title, _, with_reference = SCENARIOS[scenario]
-        results["scenarios"][scenario] = {}
-        for name, extra in variants(scenario, with_reference, sizes):
-            runs = []
-            for i in range(args.repeat):
-                print(f"{scenario} {title}: {name} run {i + 1}/{args.repeat}", flush=True)
-                runs.append(asyncio.run(run_once(name, extra, scenario, sizes)))
-            results["scenarios"][scenario][name] = summarise(runs)
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    needs_backing = [s for s in chosen if s in cluster.SCENARIOS]
+    reason = cluster.missing() if needs_backing else None
+    if reason:
+        print(f"{', '.join(needs_backing)} skipped: {reason}", flush=True)
+        results["skipped"] = dict.fromkeys(needs_backing, reason)
+        chosen = [s for s in chosen if s not in needs_backing]
+    backing = cluster.Backing()
+    try:
+        for scenario in chosen:
+            title, _, with_reference = SCENARIOS[scenario]
+            results["scenarios"][scenario] = {}
+            results["load_1m"][scenario] = os.getloadavg()[0]
+            for name, extra in variants(scenario, with_reference, sizes):
+                runs = []
+                for i in range(args.repeat):
+                    print(f"{scenario} {title}: {name} run {i + 1}/{args.repeat}", flush=True)
+                    runs.append(asyncio.run(run_once(name, extra, scenario, sizes, backing)))
+                results["scenarios"][scenario][name] = summarise(runs)
+    finally:
+        backing.close()
+    results["load_1m"]["end"] = os.getloadavg()[0]
     results["targets"] = check_targets(results)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

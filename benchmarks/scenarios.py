@@ -342,12 +342,14 @@ async def ingest(target: Target, sizes: Sizes) -> Figures:
         await asyncio.gather(*(producer(t) for t in tasks))
         elapsed = time.monotonic() - started
     total = sizes.b6_producers * sizes.b6_posts_each
+    server_cpu = cpu_seconds(target.pid) - cpu0
     return {
         "events": total,
         "events_per_s": total / elapsed,
         "post_p50_ms": percentile(latencies, 50) * 1000,
         "post_p99_ms": percentile(latencies, 99) * 1000,
-        "server_cpu_s": cpu_seconds(target.pid) - cpu0,
+        "server_cpu_s": server_cpu,
+        "cpu_us_per_event": server_cpu / total * 1e6,
     }
 
 

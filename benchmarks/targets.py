@@ -55,6 +55,11 @@ class Target:
     log_path: Path | None = None
     #: Run the built-in job with no delay between steps (benchmarks that do not use it).
     fast_jobs: bool = True
+    #: --store URL (a shared PostgreSQL database); None: a SQLite file in db_dir.
+    store: str | None = None
+    #: --broker URL and --node-id, for one of several nodes on one store; None: defaults.
+    broker: str | None = None
+    node_id: str | None = None
 
     @property
     def base(self) -> str:
@@ -68,13 +73,15 @@ class Target:
         if self.is_reference:
             return [sys.executable, "-m", "benchmarks.reference_server", "--port", str(self.port)]
         assert self.db_dir is not None
+        store = ["--store", self.store] if self.store else ["--db", str(self.db_dir / "bench.db")]
         return [
             sys.executable,
             str(ROOT / "run.py"),
             "--port",
             str(self.port),
-            "--db",
-            str(self.db_dir / "bench.db"),
+            *store,
+            *(["--broker", self.broker] if self.broker else []),
+            *(["--node-id", self.node_id] if self.node_id else []),
             *(["--job-step-delay", "0"] if self.fast_jobs else []),
             *self.extra_args,
         ]

@@ -37,11 +37,16 @@ START_TIMEOUT = 10.0
 EXIT_TIMEOUT = 10.0
 
 
-def redis_binary() -> str:
-    """The redis-server path; skips the test when it is missing (fails when CI=true)."""
-    found = shutil.which("redis-server") or (
+def find_redis_binary() -> str | None:
+    """The redis-server path (PATH first, then Debian's), or None when it is missing."""
+    return shutil.which("redis-server") or (
         REDIS_SERVER if os.access(REDIS_SERVER, os.X_OK) else None
     )
+
+
+def redis_binary() -> str:
+    """The redis-server path; skips the test when it is missing (fails when CI=true)."""
+    found = find_redis_binary()
     if found is None:
         reason = "redis-server is not installed (apt-get install redis-server)"
         if os.environ.get("CI") == "true":

@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The scenarios that need nothing but this repository (B8 and B9 need PostgreSQL, Redis).
+SINGLE_NODE = "B1,B2,B3,B4,B5,B6,B7,abuse"
 
 
-def test_benchmark_quick_run(tmp_path):
-    """`benchmarks.run --quick` runs B1-B7 and abuse, and loses, repeats or skips nothing."""
-    out = tmp_path / "bench.json"
+def quick_run(out: Path, only: str) -> tuple[dict[str, Any], str]:
+    """`benchmarks.run --quick --repeat 1 --only ONLY`: its JSON results and its stdout."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--repeat", "1", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--repeat", "1"]
+        + ["--only", only, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_benchmark_quick_run(tmp_path):
+    """`benchmarks.run --quick` runs B1-B7 and abuse, and loses, repeats or skips nothing."""
+    results, stdout = quick_run(tmp_path / "bench.json", SINGLE_NODE)
     scenarios = results["scenarios"]
     assert sorted(scenarios) == ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "abuse"]
     for scenario in ("B1", "B2", "B3", "B5"):
@@ -36,9 +47,39 @@ def test_benchmark_quick_run(tmp_path):
     b7 = scenarios["B7"]["server"]
     assert b7["gaps"]["max"] == 0 and b7["dups"]["max"] == 0
     assert all(b7["all_final"]["runs"])
-    assert "target B1" in proc.stdout
+    assert "target B1" in stdout
     _check_abuse(scenarios["abuse"]["server"])
-    assert "target abuse answers" in proc.stdout
+    assert "target abuse answers" in stdout
+
+
+def test_benchmark_quick_run_postgres_redis(tmp_path):
+    """B8 (fan-out over one and two nodes) and B9 (ingest into PostgreSQL) run end to end:
+    every event reaches every subscriber on either node, through Redis, and is stored."""
+    results, stdout = quick_run(tmp_path / "bench.json", "B8,B9")
+    if "skipped" in results:  # the binaries or the client libraries are missing
+        reason = results["skipped"]["B8"]
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    scenarios = results["scenarios"]
+    assert sorted(scenarios) == ["B8", "B9"]
+    assert sorted(scenarios["B8"]) == ["one_node", "two_nodes"]
+    for variant, figures in scenarios["B8"].items():
+        assert figures["received"]["median"] > 0, variant
+        assert figures["deliveries_per_s"]["median"] > 0, variant
+        assert figures["cpu_us_per_event"]["median"] > 0, variant
+        for key in ("lost", "gaps", "dups", "broker_dropped"):
+            assert figures[key]["max"] == 0, (variant, key)
+        assert figures["broker_published"]["min"] > 0, variant  # it published to Redis
+    two = scenarios["B8"]["two_nodes"]
+    assert two["broker_received"]["runs"] == two["broker_published"]["runs"]
+    assert two["b_p99_ms"]["median"] > 0  # node b's subscribers got their events
+    assert scenarios["B8"]["one_node"]["broker_received"]["max"] == 0  # its own: skipped
+    for variant in ("server", "naive"):
+        figures = scenarios["B9"][variant]
+        assert figures["events_per_s"]["median"] > 0, variant
+        assert figures["stored"]["runs"] == figures["events"]["runs"], variant
+    assert "target B8 two_nodes" in stdout and "MISSED" not in stdout
 
 
 def _check_abuse(figures: dict) -> None:
