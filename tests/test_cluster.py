@@ -761,6 +761,9 @@ async def test_postgres_restart_gives_503_then_recovers_with_nothing_lost(
                 ) as resp:
                     assert resp.status == 503 and resp.headers["Retry-After"], resp.status
                     assert (await resp.json())["error"]["code"] == "unavailable"
+                # The operator's metrics stay up through the outage.
+                async with http.get(f"{node.base_url}/metrics") as resp:
+                    assert resp.status == 200 and "progress_broker_up" in await resp.text()
             counts = [refused(p) for p in producers]
             await eventually(
                 lambda: all(refused(p) >= n + 3 for p, n in zip(producers, counts, strict=True)),

@@ -40,7 +40,7 @@ from ..models import TaskStatus
 from ..refusals import LogLimiter, Refusals
 from ..relay import Relay
 from ..stats import ConnectionStats, Histogram, RequestStats
-from ..store import Store
+from ..store import Store, StoreUnavailable
 from ..tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class Metrics:
         try:
             async with asyncio.timeout(TASK_COUNTS_TIMEOUT):
                 counts = await self.store.count_tasks_by_status()
-        except (TimeoutError, sqlite3.Error, ValueError) as exc:
+        except (TimeoutError, sqlite3.Error, ValueError, StoreUnavailable) as exc:
+            # A database outage must not take /metrics down with it (the last counts stay).
             log.warning("metrics.task_count_failed error=%s", type(exc).__name__)
             return
         self.task_counts = counts
@@ -411,7 +412,7 @@ class ProgressCollector:
     def _tracker(tracker: Tracker) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "progress_events_committed",
-            "Events committed to SQLite.",
+            "Events committed to the store.",
             value=tracker.events_committed,
         )
         yield CounterMetricFamily(
