@@ -13,6 +13,7 @@ earlier request staged is never refused for a change that did not happen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +237,7 @@ def _event(
     )
 
 
+@functools.lru_cache(maxsize=1024)  # the requests of one batch share a few timestamps
 def epoch(ts: str) -> float:
     """An event time (ISO 8601 UTC, as `utc_now` makes) as epoch seconds."""
     return datetime.fromisoformat(ts).timestamp()
