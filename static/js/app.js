@@ -111,6 +111,7 @@ const panel = {
   parent: $("#task-parent"),
   openParent: $("#open-parent"),
   children: $("#task-children"),
+  childrenTitle: $("#children-title"),
   childrenSummary: $("#children-summary"),
   childList: $("#child-list"),
   share: $("#share-task"),

@@ -280,6 +280,11 @@ export function renderTask(els, view, options = {}) {
   els.cancel.hidden = terminal;
   els.cancel.disabled = false;
   els.parent.hidden = !(view.parentId && canOpenParent);
+  // A stock analysis with a parent is one code of a multi-stock analysis.
+  const back = view.kind === "stock_analysis" ? "← Back to the whole analysis" : "← Back to the parent task";
+  if (els.openParent.textContent !== back) els.openParent.textContent = back;
+  const childrenTitle = view.kind === BATCH_KIND ? "Analyses" : "Child tasks";
+  if (els.childrenTitle.textContent !== childrenTitle) els.childrenTitle.textContent = childrenTitle;
 
   // Live updates are off: say so, and since when; the bar stops pretending to move. The
   // text is set only when it changes: it is a live region, read out at each change.

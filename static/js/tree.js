@@ -128,6 +128,9 @@ function childRow(child, open) {
 /** @private Bring a row up to date in place (a button keeps its focus while events arrive). */
 function updateRow(item, child) {
   const pct = Math.max(0, Math.min(100, Math.round(child.progress ?? 0)));
+  // Known from an event first, a child gets its name when the list arrives.
+  const name = item.querySelector(".child-name");
+  if (name.textContent !== childName(child)) name.textContent = childName(child);
   if (item.dataset.status === child.status && item.dataset.progress === String(pct)) return;
   item.dataset.status = child.status;
   item.dataset.progress = String(pct);
@@ -137,8 +140,6 @@ function updateRow(item, child) {
   item.querySelector(".child-bar").dataset.status = child.status;
   item.querySelector(".child-fill").style.width = `${pct}%`;
   item.querySelector(".child-pct").textContent = `${pct}%`;
-  const name = item.querySelector(".child-name");
-  if (name.textContent !== childName(child)) name.textContent = childName(child);
 }
 
 /**

@@ -248,6 +248,58 @@ def test_multi_code_analysis_end_to_end(
     assert page_errors == []
 
 
+def test_an_external_parent_shows_children_as_they_come(
+    page: Page, server: ServerProcess, page_errors: list[str]
+) -> None:
+    """A parent driven over HTTP: a child the page has not heard of appears (named from the
+    children list) when the parent's event names it; the bars follow each post; the parent
+    finishes by itself."""
+    expect = _expect()
+    register_through_form(page, server, "worker")
+    token = page_token(page)
+    parent = http(server, "POST", "/tasks", {"kind": "import", "auto_finish": True}, token)
+    page.get_by_role("button", name="Refresh").click()
+    page.locator(f".task-item[data-task-id='{parent['id']}']").click()
+    expect(page.locator("#task-title")).to_have_text("import")
+    children_box = page.locator("#task-children")
+    expect(children_box).to_be_hidden()  # no child yet
+
+    def child(name: str) -> str:
+        body = {"kind": "file", "params": {"name": name}, "parent_id": parent["id"]}
+        return str(http(server, "POST", "/tasks", body, token)["id"])
+
+    first = child("a.csv")
+    http(server, "POST", f"/tasks/{first}/progress", {"progress": 50}, token)
+    bar = page.get_by_role("progressbar")
+    rows = page.locator("#child-list .child-item")
+    expect(bar).to_have_attribute("aria-valuenow", "50")
+    expect(children_box.locator("#children-title")).to_have_text("Child tasks")
+    expect(rows).to_have_count(1)
+    expect(rows.first.locator(".child-name")).to_have_text(f"file {first[:6]}")
+    expect(rows.first).to_have_attribute("data-progress", "50")
+
+    second = child("b.csv")  # pending: the mean counts it at 0
+    expect(bar).to_have_attribute("aria-valuenow", "25")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(1)).to_have_attribute("data-status", "pending")
+    http(server, "POST", f"/tasks/{second}/progress", {"progress": 30}, token)
+    expect(rows.nth(1)).to_have_attribute("data-progress", "30")
+    expect(bar).to_have_attribute("aria-valuenow", "40")
+    expect(page.locator("#children-summary")).to_have_text("0 of 2 done · 2 running")
+    for task_id in (first, second):
+        http(server, "POST", f"/tasks/{task_id}/complete", {"result": {}}, token)
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    expect(rows.locator(".badge")).to_have_text(["Completed", "Completed"])
+    expect(page.locator("#children-summary")).to_have_text("2 of 2 done")
+
+    rows.nth(1).click()  # a child opens in the card, with the way back
+    expect(page.locator("#task-title")).to_have_text("file")
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    page.get_by_role("button", name="Back to the parent task").click()
+    expect(page.locator("#task-title")).to_have_text("import")
+    assert page_errors == []
+
+
 def test_a_code_the_server_refuses_is_named_before_anything_is_sent(
     page: Page, server: ServerProcess, page_errors: list[str]
 ) -> None:
