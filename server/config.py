@@ -223,11 +223,13 @@ class Config:
         shown="hostname-pid",
     )
     # -- the built-in job ----------------------------------------------------------------
+    # 5 s: the demo's six steps take about half a minute, time enough to try a reload or a
+    # restart mid-task; tests and benchmarks pass their own.
     job_step_delay: float = setting(
-        1.0,
+        5.0,
         "--job-step-delay",
         "PROGRESS_JOB_STEP_DELAY",
-        "seconds between the built-in job's steps",
+        "seconds between the built-in job's six steps",
         check=non_negative,
     )
     job_lease_ttl: float = setting(

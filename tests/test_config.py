@@ -16,7 +16,7 @@ def test_defaults_without_flags_or_environment() -> None:
     config = from_args([], env={})
     assert config == Config()
     assert (config.host, config.port, config.db_path) == ("127.0.0.1", 8080, Path("data/app.db"))
-    assert config.job_step_delay == 1.0
+    assert config.job_step_delay == 5.0  # the demo's analysis takes about half a minute
     assert config.jwt_secret is None
     assert config.migrations_dir == PROJECT_ROOT / "migrations" / "sqlite"
     # Defaults for a server open to the internet (issue 8): tens of sockets per user.

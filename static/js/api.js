@@ -9,8 +9,11 @@
 
 const SESSION_KEY = "progress.session";
 const VIEWS_KEY = "progress.views";
-/** How many task views (seq + what was shown) are kept for resuming. */
-const MAX_VIEWS = 5;
+/** The id of the task the panel shows, so that a reload shows it again at once. */
+const CURRENT_KEY = "progress.current";
+/** How many task views (seq + what was shown) are kept for resuming: a multi-code analysis
+ * of up to 20 codes and its children, and a few more. */
+const MAX_VIEWS = 25;
 
 /** An HTTP error in the server's shape ({error: {code, message, fields}}), or a network one. */
 export class ApiError extends Error {
@@ -61,6 +64,7 @@ export const session = {
   clear() {
     write(SESSION_KEY, null);
     write(VIEWS_KEY, null);
+    write(CURRENT_KEY, null);
   },
 };
 
@@ -78,6 +82,15 @@ export const views = {
     const ids = Object.keys(all);
     for (const id of ids.slice(0, Math.max(0, ids.length - MAX_VIEWS))) delete all[id];
     write(VIEWS_KEY, all);
+  },
+  /** @returns {string | null} The id of the task last on screen. */
+  current() {
+    const id = read(CURRENT_KEY);
+    return typeof id === "string" ? id : null;
+  },
+  /** @param {string | null} taskId */
+  setCurrent(taskId) {
+    write(CURRENT_KEY, taskId);
   },
 };
 

@@ -3,8 +3,13 @@
  * share a task as a read-only link; manage API keys.
  *
  * One WebSocketClient (ws-client.js) per logged-in page; the task panel subscribes to one
- * task at a time and keeps what it showed (with the last seq) in sessionStorage, so that
- * "Resume" after a reload asks the server only for the events after that seq.
+ * task at a time and keeps what it showed (with the last seq) in sessionStorage, so that a
+ * reload shows that task again at once and asks the server only for the events after that
+ * seq. Other tasks still running are offered in a "Resume" banner.
+ *
+ * A parent task (a multi-code analysis) shows its children as small bars, kept up to date
+ * from the parent's own events alone (tree.js); each opens that child in the panel. While
+ * the socket is down the card says that live updates are paused, and since when.
  *
  * Opened with a share link (`/#task=…&share=…`, see share.js) the page is a shared view
  * instead: that one task, live, read-only, with the share token as its only credential —
@@ -21,23 +26,37 @@ import { copyText, selectForCopy } from "./clipboard.js";
 import { keysPanel } from "./keys-panel.js";
 import { hasShareToken, readShareLink, shareUrl } from "./share.js";
 import {
+  BATCH_KIND,
   TERMINAL,
   applyMessage,
   clockTime,
   dateTime,
   emptyView,
   h,
+  renderEta,
   renderTask,
+  restoredView,
   statusLabel,
   stepLabel,
   taskTitle,
 } from "./task-view.js";
+import { isParent, mergeChildren } from "./tree.js";
 import { CloseKind, State, SUBSCRIPTION_END_CODES, WebSocketClient } from "./ws-client.js";
 
 const $ = (selector) => document.querySelector(selector);
 
 /** Events asked for per page when catching up over HTTP (the server's maximum). */
 const EVENTS_PAGE = 1000;
+/** Children asked for per page of GET /tasks/{id}/children (the server's maximum). */
+const CHILDREN_PAGE = 1000;
+/** Tasks read for the recent list and the resume banner, of which the first roots are shown
+ * (a multi-code analysis is one entry, not one per code). */
+const TASKS_PAGE = 100;
+const RECENT_SHOWN = 10;
+/** Most codes in one analysis (the server's limit). */
+const MAX_CODES = 20;
+/** A stock code as the server takes it: 6 digits (A-share) or a ticker of 1-10 letters/dots. */
+const STOCK_CODE = /^(?:[0-9]{6}|(?=[A-Za-z.]*[A-Za-z])[A-Za-z.]{1,10})$/;
 
 const els = {
   authView: $("#auth-view"),
@@ -87,6 +106,14 @@ const panel = {
   cancel: $("#cancel-task"),
   outcome: $("#task-outcome"),
   log: $("#step-log"),
+  eta: $("#task-eta"),
+  paused: $("#task-paused"),
+  parent: $("#task-parent"),
+  openParent: $("#open-parent"),
+  children: $("#task-children"),
+  childrenTitle: $("#children-title"),
+  childrenSummary: $("#children-summary"),
+  childList: $("#child-list"),
   share: $("#share-task"),
   stopSharing: $("#stop-sharing"),
   shareStatus: $("#share-status"),
@@ -102,10 +129,14 @@ const keys = keysPanel({
 
 /** @type {WebSocketClient | null} */
 let client = null;
-/** The task on screen: {view, unsubscribe}. */
+/** The task on screen: {view, unsubscribe, children: {loading, again}}. */
 let current = null;
 let refreshTimer = null;
 let countdownTimer = null;
+/** Counts the time left under the bar down between events (every second while shown). */
+let etaTimer = null;
+/** Clock ms since when the socket has been down (null: open, or not tried yet). */
+let liveLostAt = null;
 /** In a shared view: the link's {taskId, token}; null on the logged-in page. */
 let shared = null;
 /** The last share link made on this page: {taskId, url, expiresAt}; Share copies it again. */
@@ -160,6 +191,35 @@ function showConnection(state, info = {}) {
   els.retry.hidden = !(state === State.CLOSED && loggedIn && info.kind !== CloseKind.AUTH);
   // Only state changes are spoken, not every tick of the countdown.
   if (els.connectionLive.textContent !== spoken) els.connectionLive.textContent = spoken;
+}
+
+/** Logged out, no connection tried: a neutral pill, not one that reads like an error. */
+const IDLE_TEXT = "Live after log-in";
+
+function showIdle() {
+  clearInterval(countdownTimer);
+  countdownTimer = null;
+  els.connection.dataset.state = "idle";
+  els.connectionText.textContent = IDLE_TEXT;
+  els.connectionLive.textContent = "";
+  els.retry.hidden = true;
+}
+
+/**
+ * Since when live updates of the task on screen have been off (the socket is down while it
+ * is followed), or null.
+ */
+function pausedSince() {
+  return client && current?.unsubscribe && liveLostAt !== null ? liveLostAt : null;
+}
+
+/** What the paused notice says of why, and what happens next. */
+function pausedReason() {
+  if (client?.state !== State.CLOSED) return "the connection to the server was lost. Reconnecting…";
+  const kind = client.closeInfo.kind;
+  return kind === CloseKind.EXHAUSTED
+    ? "the server cannot be reached. “Retry now” at the top tries again."
+    : "the server closed the connection. “Retry now” at the top reconnects.";
 }
 
 function announce(text) {
@@ -241,6 +301,7 @@ function configuredAttempts() {
 
 function startClient(provider = tokenProvider) {
   client?.close();
+  liveLostAt = null;
   const c = new WebSocketClient({
     url: "/api/v1/ws",
     token: provider,
@@ -259,7 +320,12 @@ function startClient(provider = tokenProvider) {
 function onClientState(c, state, info) {
   if (c !== client) return; // a client already replaced or closed by leaveApp
   showConnection(state, info);
+  if (state === State.OPEN) liveLostAt = null;
+  else if (state === State.RECONNECTING || (state === State.CLOSED && info.kind !== CloseKind.USER)) {
+    liveLostAt ??= Date.now(); // the first moment it went down, not the latest retry
+  }
   if (state === State.CLOSED && info.kind === CloseKind.AUTH) credentialRefused();
+  else render(); // the card's paused notice
 }
 
 function scheduleRefresh() {
@@ -368,6 +434,9 @@ async function busy(form, work) {
 }
 
 function enterApp(username, greeting = "") {
+  // Read before clearTask(): after a reload, the task that was on screen comes back at once.
+  const shown = views.current();
+  const stored = shown ? views.get(shown) : null;
   els.authView.hidden = true;
   els.appView.hidden = false;
   els.userBox.hidden = false;
@@ -376,6 +445,7 @@ function enterApp(username, greeting = "") {
   clearTask();
   startClient();
   scheduleRefresh();
+  if (stored?.view) showTask(taskOf(restoredView(stored.view)));
   loadRecent();
   offerResume();
   keys.load();
@@ -386,6 +456,7 @@ function enterApp(username, greeting = "") {
 function leaveApp(message, tone = "info") {
   clearTimeout(refreshTimer);
   stopCurrent();
+  stopEtaTimer();
   const c = client;
   client = null;
   c?.close();
@@ -393,7 +464,8 @@ function leaveApp(message, tone = "info") {
   current = null;
   lastShare = null;
   keys.clear();
-  showConnection(State.CLOSED, { kind: CloseKind.USER });
+  liveLostAt = null;
+  showIdle();
   showAuth("login", message, tone);
 }
 
@@ -416,27 +488,49 @@ function sessionExpired() {
 
 // -- tasks --------------------------------------------------------------------------------
 
+/**
+ * The codes typed in the form: separated by commas, semicolons or spaces, upper-cased, each
+ * once; or why they cannot be sent.
+ *
+ * @param {string} text
+ * @returns {{codes: string[], error: string}}
+ */
+function parseCodes(text) {
+  const codes = [...new Set(text.split(/[\s,;]+/).filter(Boolean).map((c) => c.toUpperCase()))];
+  const hint = "a 6-digit A-share code (600519) or a ticker (AAPL, BRK.B)";
+  if (codes.length === 0) return { codes, error: `Enter ${hint}; several separated by commas.` };
+  const bad = codes.find((c) => !STOCK_CODE.test(c));
+  if (bad) return { codes, error: `“${bad}” is not a stock code: use ${hint}.` };
+  if (codes.length > MAX_CODES) {
+    return { codes, error: `At most ${MAX_CODES} codes at once (you gave ${codes.length}).` };
+  }
+  return { codes, error: "" };
+}
+
 async function submitAnalysis(event) {
   event.preventDefault();
   const form = els.analyzeForm;
   const input = form.elements.code;
-  const code = input.value.trim();
-  setAnalyzeError("");
+  const { codes, error } = parseCodes(input.value);
+  setAnalyzeError(error);
+  if (error) return input.focus();
+  // One code: an analysis; several: a parent with an analysis per code, ranked at the end.
+  const body = codes.length === 1 ? { code: codes[0] } : { codes };
   await busy(form, async () => {
     try {
-      const task = await api("/stock/analyze", { method: "POST", body: { code } });
+      const task = await api("/stock/analyze", { method: "POST", body });
       form.reset();
       els.resumeBanner.hidden = true;
       showTask(task);
       loadRecent();
-      announce(`Started the analysis of ${task.params.code}.`);
+      announce(
+        codes.length === 1
+          ? `Started the analysis of ${codes[0]}.`
+          : `Started the analysis of ${codes.length} stocks: ${codes.join(", ")}.`,
+      );
     } catch (err) {
       if (err.status === 401) return sessionExpired();
-      setAnalyzeError(
-        err.status === 422
-          ? "Enter a 6-digit A-share code (600519) or a ticker (AAPL, BRK.B)."
-          : err.message,
-      );
+      setAnalyzeError(err.status === 422 ? fieldErrors(err) : err.message);
     }
   });
   input.focus();
@@ -455,6 +549,7 @@ function stopCurrent() {
 
 function clearTask() {
   stopCurrent();
+  stopEtaTimer();
   resetShareBox();
   current = null;
   panel.body.hidden = true;
@@ -464,9 +559,24 @@ function clearTask() {
   delete panel.card.dataset.status;
 }
 
+/** The task object showTask() needs, from a stored view (after a reload). */
+function taskOf(view) {
+  return {
+    id: view.id,
+    kind: view.kind,
+    params: view.params,
+    status: view.status,
+    progress: view.progress,
+    seq: view.seq,
+    parent_id: view.parentId,
+  };
+}
+
 /**
  * Put a task on screen: what was stored of it, then the rest from the server — live over
  * the WebSocket if it is still running (subscribing with the last seq shown), else over HTTP.
+ * A parent's children are listed from GET /tasks/{id}/children, then kept up to date from
+ * its events.
  *
  * @param {object} task A task object (from the list, or just created).
  */
@@ -474,24 +584,113 @@ function showTask(task) {
   stopCurrent();
   if (current?.view.id !== task.id) resetShareBox();
   const stored = views.get(task.id);
-  const view = stored?.view ?? emptyView(task.id, task);
-  current = { view, unsubscribe: null };
-  render();
+  const view = stored?.view ? restoredView(stored.view) : emptyView(task.id, task);
+  view.parentId ??= task.parent_id ?? null;
+  if (task.children && (task.seq ?? 0) >= view.seq) view.childCounts = task.children;
+  current = { view, unsubscribe: null, children: { loading: false, again: false } };
+  views.setCurrent(task.id);
+  dropResume(task.id); // it is on screen now: no longer something to resume
+  markCurrentInList();
   const finished = TERMINAL.has(task.status) || TERMINAL.has(view.status);
-  if (finished) {
-    if (view.seq < task.seq || !TERMINAL.has(view.status)) catchUp(view);
-  } else {
+  if (!finished) {
     const mine = current;
     current.unsubscribe = client.subscribe(task.id, (msg) => onTaskMessage(mine, msg), {
       lastSeq: view.seq,
     });
   }
+  render();
+  if (finished && (view.seq < (task.seq ?? 0) || !TERMINAL.has(view.status))) catchUp(view);
+  if (isParent(view) || view.kind === BATCH_KIND) loadChildren(current);
+}
+
+/** Open a child of the task on screen (from its bar or the ranking). */
+function openChild(child) {
+  if (!current) return;
+  showTask({ ...child, parent_id: current.view.id });
+  panel.title.focus();
+}
+
+/** "← Back to the whole analysis": the parent of the task on screen. */
+async function openParent() {
+  const parentId = current?.view.parentId;
+  if (!parentId) return;
+  let task;
+  try {
+    task = await api(`/tasks/${encodeURIComponent(parentId)}`);
+  } catch (err) {
+    if (err.status === 401) return sessionExpired();
+    announce(err.status === 404 ? "That analysis no longer exists." : `Could not open it: ${err.message}`);
+    return;
+  }
+  if (current?.view.parentId !== parentId) return; // something else was opened meanwhile
+  showTask(task);
+  panel.title.focus();
+}
+
+/**
+ * Load the children of the task on screen (every page), and again if an event names one
+ * the list lacks meanwhile; merged by each child's seq with what the events said.
+ *
+ * @param {{view: object, children: {loading: boolean, again: boolean}}} shown
+ */
+async function loadChildren(shown) {
+  if (shown.children.loading) {
+    shown.children.again = true;
+    return;
+  }
+  shown.children.loading = true;
+  const view = shown.view;
+  view.childrenStale = false;
+  const id = encodeURIComponent(view.id);
+  let cursor = null;
+  try {
+    do {
+      const query = `limit=${CHILDREN_PAGE}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`;
+      const page = await api(`/tasks/${id}/children?${query}`, { token: readToken() });
+      if (shown !== current) return;
+      if (mergeChildren(view, page.tasks ?? [])) {
+        views.put(view.id, { view });
+        render();
+      }
+      cursor = page.next_cursor ?? null;
+    } while (cursor);
+  } catch (err) {
+    if (err.status === 401) return credentialRefused();
+    view.childrenStale = true; // unreachable: tried again at the next event
+  } finally {
+    shown.children.loading = false;
+    if (shown.children.again && shown === current) {
+      shown.children.again = false;
+      loadChildren(shown);
+    }
+  }
 }
 
 function render() {
   if (!current) return;
-  renderTask(panel, current.view);
+  const since = pausedSince();
+  renderTask(panel, current.view, {
+    openChild: shared ? null : openChild, // a share token reads its one task only
+    canOpenParent: !shared,
+    pausedSince: since,
+    pausedText: since === null ? "" : pausedReason(),
+  });
   updateListItem(current.view);
+  if (!panel.eta.hidden) startEtaTimer();
+}
+
+/** Count the time left down every second while it is shown; stops itself once hidden. */
+function startEtaTimer() {
+  if (etaTimer !== null) return;
+  etaTimer = setInterval(() => {
+    const shown = current && renderEta(panel, current.view, { paused: pausedSince() !== null });
+    if (!shown) stopEtaTimer();
+  }, 1000);
+}
+
+function stopEtaTimer() {
+  clearInterval(etaTimer);
+  etaTimer = null;
 }
 
 /** Keep the task's entry in the recent list in step with what the panel shows. */
@@ -519,6 +718,7 @@ function onTaskMessage(shown, msg) {
     // subscription (the client will not send it again); anything else (rate_limited, …)
     // leaves it to be sent again at the next reconnect.
     const ended = SUBSCRIPTION_END_CODES.has(msg.code);
+    delete panel.outcome.dataset.key; // drawn here, not by renderTask: the next render redraws
     panel.outcome.replaceChildren(
       h(
         "div",
@@ -537,11 +737,16 @@ function onTaskMessage(shown, msg) {
   if (!applyMessage(view, msg)) return;
   views.put(view.id, { view });
   render();
+  if (view.childrenStale) loadChildren(shown); // a child the list does not have yet
   if (!wasTerminal && TERMINAL.has(view.status)) {
     stopCurrent(); // nothing more will come
+    render(); // no longer followed: no paused notice
     if (!shared) loadRecent();
     const code = view.params?.code ?? "";
-    if (view.status === "completed") {
+    if (view.kind === BATCH_KIND) {
+      const n = view.params?.codes?.length ?? view.children.length;
+      announce(`Analysis of ${n} stocks ${statusLabel(view.status).toLowerCase()}.`);
+    } else if (view.status === "completed") {
       const signal = String(view.result?.signal ?? "").toUpperCase();
       announce(`Analysis of ${code} completed${signal ? `: ${signal}` : ""}.`);
     } else {
@@ -743,18 +948,24 @@ function shareEnded(reason = "This link has expired or was revoked.") {
   // Nothing shown: the message says it all. Shown: it stays, marked as no longer live.
   if (!current) panel.card.hidden = true;
   else panel.card.dataset.stale = "true";
+  stopEtaTimer();
+  render(); // no paused notice: the message above says why nothing more comes
   showConnection(State.CLOSED, { kind: CloseKind.AUTH });
 }
+
+/** The tasks of a page that are not children: a multi-code analysis is listed once. */
+const roots = (tasks) => tasks.filter((t) => !t.parent_id);
 
 /** The recent tasks list (newest first); each entry shows the task when clicked. */
 async function loadRecent() {
   let tasks;
   try {
-    ({ tasks } = await api("/tasks?limit=10"));
+    ({ tasks } = await api(`/tasks?limit=${TASKS_PAGE}`));
   } catch (err) {
     if (err.status === 401) sessionExpired();
     return;
   }
+  tasks = roots(tasks).slice(0, RECENT_SHOWN);
   els.taskListEmpty.hidden = tasks.length > 0;
   els.taskList.replaceChildren(
     ...tasks.map((task) => {
@@ -803,12 +1014,12 @@ function markCurrentInList() {
 async function offerResume() {
   let tasks;
   try {
-    ({ tasks } = await api("/tasks?status=active"));
+    ({ tasks } = await api("/tasks?status=active")); // TASKS_PAGE: the server's default
   } catch (err) {
     if (err.status === 401) sessionExpired();
     return;
   }
-  tasks = tasks.filter((t) => t.id !== current?.view.id);
+  tasks = roots(tasks).filter((t) => t.id !== current?.view.id);
   els.resumeBanner.hidden = tasks.length === 0;
   els.resumeList.replaceChildren(
     ...tasks.map((task) => {
@@ -816,7 +1027,7 @@ async function offerResume() {
       const where = stored ? "pick up where you left off" : `${Math.round(task.progress)}% done`;
       return h(
         "li",
-        {},
+        { "data-task-id": task.id },
         h("span", {}, h("strong", {}, taskTitle(emptyView(task.id, task))), ` — ${where}`),
         h(
           "button",
@@ -825,9 +1036,7 @@ async function offerResume() {
             class: "primary",
             "data-task-id": task.id,
             onclick: () => {
-              els.resumeBanner.hidden = true;
               showTask(task);
-              markCurrentInList();
               panel.title.focus();
             },
           },
@@ -837,6 +1046,14 @@ async function offerResume() {
       );
     }),
   );
+}
+
+/** A task now on screen leaves the resume banner, which hides once it lists nothing. */
+function dropResume(taskId) {
+  for (const item of els.resumeList.querySelectorAll("li")) {
+    if (item.dataset.taskId === taskId) item.remove();
+  }
+  if (els.resumeList.children.length === 0) els.resumeBanner.hidden = true;
 }
 
 // -- start --------------------------------------------------------------------------------
@@ -853,6 +1070,7 @@ function wire() {
   panel.cancel.addEventListener("click", cancelCurrent);
   panel.share.addEventListener("click", shareCurrent);
   panel.stopSharing.addEventListener("click", stopSharing);
+  panel.openParent.addEventListener("click", openParent);
   // A share link pasted into this tab changes only the fragment, which loads nothing: load
   // the page again, which then opens the shared view (and takes the token out of the bar).
   window.addEventListener("hashchange", () => {

@@ -2,21 +2,33 @@
  * The current task panel: a small state built from the server's messages, and its rendering.
  *
  * `applyMessage` folds `event` and `snapshot` messages into a view (dropping any seq it
- * already has, whatever path it came by); `renderTask` draws the view. Pure DOM, no framework.
+ * already has, whatever path it came by); `renderTask` draws the view: the bar, the rate and
+ * time left, a parent's children (tree.js), the step log and the outcome (a report with its
+ * price chart, chart.js, or a multi-code ranking). Pure DOM, no framework.
  *
  * @module task-view
  */
 
-export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+import { hasSeries, priceChart } from "./chart.js";
+import { h } from "./dom.js";
+import {
+  BATCH_KIND,
+  TERMINAL,
+  childName,
+  clockTime,
+  elapsed,
+  etaText,
+  num,
+  rateText,
+  signed,
+  statusLabel,
+  stepLabel,
+  taskTitle,
+} from "./format.js";
+import { childSummary, isParent, moveChild, renderChildren, renderRanking } from "./tree.js";
 
-/** Human names for the built-in job's steps. */
-const STEP_LABELS = {
-  load_prices: "Load prices",
-  moving_averages: "Moving averages",
-  rsi: "RSI (14)",
-  macd: "MACD",
-  signal: "Signal",
-};
+export { h } from "./dom.js";
+export { BATCH_KIND, TERMINAL, clockTime, dateTime, statusLabel, stepLabel, taskTitle } from "./format.js";
 
 const EVENT_LABELS = {
   created: "Queued",
@@ -25,25 +37,6 @@ const EVENT_LABELS = {
   failed: "Failed",
   cancelled: "Cancelled",
 };
-
-const STATUS_LABELS = {
-  pending: "Pending",
-  running: "Running",
-  completed: "Completed",
-  failed: "Failed",
-  cancelled: "Cancelled",
-};
-
-/** @param {string | null | undefined} step */
-export function stepLabel(step) {
-  if (!step) return "";
-  return STEP_LABELS[step] ?? step.replace(/[_-]+/g, " ").replace(/^./, (c) => c.toUpperCase());
-}
-
-/** @param {string} status */
-export function statusLabel(status) {
-  return STATUS_LABELS[status] ?? status;
-}
 
 /**
  * A new, empty view of a task.
@@ -63,6 +56,16 @@ export function emptyView(taskId, task = null) {
     result: task?.result ?? null,
     error: task?.error ?? null,
     createdAt: task?.created_at ?? null,
+    parentId: task?.parent_id ?? null,
+    // Percent per second and seconds left as of `etaAt` (ms, when the page learnt them);
+    // null while the server does not know them yet.
+    rate: task?.rate ?? null,
+    etaS: task?.eta_s ?? null,
+    etaAt: Date.now(),
+    // A parent's children: counts from the task, the list itself from tree.js.
+    childCounts: task?.children ?? null,
+    children: [],
+    childrenStale: false, // an event named a child the list lacks, or a gap: load it again
     seq: 0, // the last seq folded in; a task snapshot's seq is not ours until applied
     log: [],
     gap: false, // true when the server could not replay some history (recovered: false)
@@ -71,13 +74,51 @@ export function emptyView(taskId, task = null) {
 }
 
 /**
+ * A view kept in storage, with the fields an older page did not keep filled in.
+ *
+ * @param {object} stored
+ */
+export function restoredView(stored) {
+  return { ...emptyView(stored.id), ...stored };
+}
+
+/** @private A row of a parent's log: one child, as long as its status stays the same. */
+function logChild(view, msg) {
+  const child = msg.child;
+  let row = null;
+  for (let i = view.log.length - 1; i >= 0; i--) {
+    if (view.log[i].child?.id === child.id) {
+      row = view.log[i];
+      break;
+    }
+  }
+  if (row && row.child.status === child.status) {
+    // Progress alone: that child's row follows it rather than a row per step.
+    row.seqs.push(msg.seq);
+    Object.assign(row, { ts: msg.ts, progress: msg.progress });
+    row.child.progress = child.progress;
+    return;
+  }
+  view.log.push({
+    seqs: [msg.seq],
+    ts: msg.ts,
+    event: "progress",
+    step: null,
+    message: "",
+    progress: msg.progress,
+    child: { id: child.id, status: child.status, progress: child.progress },
+  });
+}
+
+/**
  * Fold one server message into the view.
  *
  * @param {object} view From {@link emptyView} (changed in place).
  * @param {object} msg An `event` or `snapshot` message.
+ * @param {number} [now] Clock ms (the time left counts down from it).
  * @returns {boolean} Whether the view changed.
  */
-export function applyMessage(view, msg) {
+export function applyMessage(view, msg, now = Date.now()) {
   if (msg.type === "event") {
     if (!Number.isInteger(msg.seq) || msg.seq <= view.seq) return false; // already shown
     view.seq = msg.seq;
@@ -88,6 +129,20 @@ export function applyMessage(view, msg) {
     if (msg.result !== undefined) view.result = msg.result;
     if (msg.error !== undefined) view.error = msg.error;
     if (msg.event === "created" && msg.ts) view.createdAt = msg.ts;
+    if (msg.event === "progress") {
+      // Every progress event carries the latest of both (null while unknown).
+      view.rate = typeof msg.rate === "number" ? msg.rate : null;
+      view.etaS = typeof msg.eta_s === "number" ? msg.eta_s : null;
+      view.etaAt = now;
+    } else if (TERMINAL.has(view.status)) {
+      view.rate = null;
+      view.etaS = null;
+    }
+    if (msg.child && typeof msg.child.id === "string") {
+      if (!moveChild(view, msg.child)) view.childrenStale = true;
+      logChild(view, msg);
+      return true;
+    }
     const entry = {
       seqs: [msg.seq],
       ts: msg.ts,
@@ -99,7 +154,7 @@ export function applyMessage(view, msg) {
     // One row per step: further updates of the same step (e.g. "starting" at 0%, then
     // done at 20%) update its row instead of listing the step again.
     const last = view.log.at(-1);
-    if (entry.event === "progress" && last?.event === "progress" && last.step === entry.step) {
+    if (entry.event === "progress" && last?.event === "progress" && !last.child && last.step === entry.step) {
       last.seqs.push(msg.seq);
       Object.assign(last, { ts: entry.ts, message: entry.message || last.message, progress: entry.progress });
     } else {
@@ -125,8 +180,15 @@ export function applyMessage(view, msg) {
       result: t.result,
       error: t.error,
       createdAt: t.created_at,
+      parentId: t.parent_id ?? view.parentId,
+      rate: t.rate ?? null,
+      etaS: t.eta_s ?? null,
+      etaAt: now,
+      childCounts: t.children ?? view.childCounts,
       seq: t.seq,
     });
+    // The children moved in the events the snapshot stands for: ask for them again.
+    if (isParent(view)) view.childrenStale = true;
     return true;
   }
   return false;
@@ -135,66 +197,37 @@ export function applyMessage(view, msg) {
 // -- rendering ---------------------------------------------------------------------------
 
 /**
- * `h("p", {class: "x"}, "text", child)`: a tiny element builder (text is never parsed as HTML).
+ * The line under the bar: "about 2 min left · 1.8 %/s", counting down from when the page
+ * learnt the time left; "" while neither is known, once finished, or while `paused`.
  *
- * @param {string} tag
- * @param {Record<string, any>} [attrs]
- * @param {...(Node | string | number | null | false)} children
+ * @param {object} view
+ * @param {{paused?: boolean, now?: number}} [options]
+ * @returns {string}
  */
-export function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (value === null || value === undefined || value === false) continue;
-    if (name === "class") el.className = value;
-    // Through the CSSOM, never a style="" attribute, which the page's CSP refuses.
-    else if (name === "style") Object.assign(el.style, value);
-    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
-    else el.setAttribute(name, value === true ? "" : String(value));
+export function etaLine(view, { paused = false, now = Date.now() } = {}) {
+  if (paused || TERMINAL.has(view.status)) return "";
+  const parts = [];
+  if (typeof view.etaS === "number") {
+    const left = view.etaS - Math.max(0, now - (view.etaAt ?? now)) / 1000;
+    parts.push(etaText(Math.max(0, left)));
   }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : String(child));
-  }
-  return el;
+  if (typeof view.rate === "number") parts.push(view.rate > 0 ? rateText(view.rate) : "no progress lately");
+  return parts.join(" · ");
 }
 
-/** @param {string | null} ts ISO time @returns {string} "14:03:07" in the user's locale */
-export function clockTime(ts) {
-  if (!ts) return "";
-  const d = new Date(ts);
-  if (Number.isNaN(d.getTime())) return "";
-  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
-}
-
-/** @param {string | null} ts ISO time @returns {string} "2 Dec 2026, 14:20" in the user's locale */
-export function dateTime(ts) {
-  if (!ts) return "";
-  const d = new Date(ts);
-  if (Number.isNaN(d.getTime())) return "";
-  return d.toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
-}
-
-/** Elapsed seconds between two ISO times, as "+1.2 s". */
-function elapsed(from, to) {
-  if (!from || !to) return "";
-  const ms = new Date(to).getTime() - new Date(from).getTime();
-  if (!Number.isFinite(ms) || ms < 0) return "";
-  return `+${(ms / 1000).toFixed(1)} s`;
-}
-
-const num = (value, digits = 2) =>
-  typeof value === "number" && Number.isFinite(value)
-    ? value.toLocaleString(undefined, { minimumFractionDigits: digits, maximumFractionDigits: digits })
-    : "—";
-
-const signed = (value, digits = 2) =>
-  typeof value === "number" && Number.isFinite(value) ? `${value > 0 ? "+" : ""}${num(value, digits)}` : "—";
-
-/** A title for a task: "600519 · Stock analysis". */
-export function taskTitle(view) {
-  const code = view.params?.code;
-  const kind = view.kind === "stock_analysis" ? "Stock analysis" : view.kind || "Task";
-  return code ? `${code} · ${kind}` : kind;
+/**
+ * Draw the time-left line alone (the page calls it every second while it counts down).
+ *
+ * @param {{eta: HTMLElement}} els
+ * @param {object} view
+ * @param {{paused?: boolean, now?: number}} [options]
+ * @returns {boolean} Whether the line is shown.
+ */
+export function renderEta(els, view, options = {}) {
+  const text = etaLine(view, options);
+  if (els.eta.textContent !== text) els.eta.textContent = text;
+  els.eta.hidden = !text;
+  return Boolean(text);
 }
 
 /**
@@ -202,8 +235,16 @@ export function taskTitle(view) {
  *
  * @param {Record<string, HTMLElement>} els The panel's elements (see app.js).
  * @param {object} view
+ * @param {object} [options]
+ * @param {((child: object) => void) | null} [options.openChild] Opens a child of this task
+ *   in the panel; null: children are listed, not opened (a shared view).
+ * @param {boolean} [options.canOpenParent] Whether "Back to …" may open the parent.
+ * @param {number | null} [options.pausedSince] Clock ms since when live updates are off
+ *   (the socket is down); null: live.
+ * @param {string} [options.pausedText] What the paused notice says after "since …".
  */
-export function renderTask(els, view) {
+export function renderTask(els, view, options = {}) {
+  const { openChild = null, canOpenParent = false, pausedSince = null, pausedText = "" } = options;
   els.empty.hidden = true;
   els.body.hidden = false;
   els.title.textContent = taskTitle(view);
@@ -211,48 +252,83 @@ export function renderTask(els, view) {
   els.status.dataset.status = view.status;
   els.card.dataset.status = view.status;
 
+  const terminal = TERMINAL.has(view.status);
+  const parent = isParent(view);
+  const paused = pausedSince !== null && !terminal;
   const pct = Math.max(0, Math.min(100, Math.round(view.progress ?? 0)));
+  const eta = etaLine(view, { paused });
   els.bar.setAttribute("aria-valuenow", String(pct));
   els.bar.setAttribute(
     "aria-valuetext",
-    `${pct}%${view.step ? `, ${stepLabel(view.step)}` : ""} (${statusLabel(view.status)})`,
+    `${pct}%${view.step ? `, ${stepLabel(view.step)}` : ""}${parent ? `, ${childSummary(view)}` : ""}` +
+      ` (${statusLabel(view.status)})${eta ? `, ${eta}` : ""}`,
   );
   els.bar.dataset.status = view.status;
   els.fill.style.width = `${pct}%`;
   els.percent.textContent = `${pct}%`;
 
-  const terminal = TERMINAL.has(view.status);
   els.step.textContent = terminal
     ? statusLabel(view.status)
-    : view.step
-      ? stepLabel(view.step)
-      : view.status === "pending"
-        ? "Waiting to start…"
-        : "Starting…";
+    : parent
+      ? childSummary(view)
+      : view.step
+        ? stepLabel(view.step)
+        : view.status === "pending"
+          ? "Waiting to start…"
+          : "Starting…";
   els.message.textContent = terminal ? "" : view.message ?? "";
   els.cancel.hidden = terminal;
   els.cancel.disabled = false;
+  els.parent.hidden = !(view.parentId && canOpenParent);
+  // A stock analysis with a parent is one code of a multi-stock analysis.
+  const back = view.kind === "stock_analysis" ? "← Back to the whole analysis" : "← Back to the parent task";
+  if (els.openParent.textContent !== back) els.openParent.textContent = back;
+  const childrenTitle = view.kind === BATCH_KIND ? "Analyses" : "Child tasks";
+  if (els.childrenTitle.textContent !== childrenTitle) els.childrenTitle.textContent = childrenTitle;
 
+  // Live updates are off: say so, and since when; the bar stops pretending to move. The
+  // text is set only when it changes: it is a live region, read out at each change.
+  const notice = paused ? `Live updates paused since ${clockTime(pausedSince)}: ${pausedText}` : "";
+  if (els.paused.textContent !== notice) els.paused.textContent = notice;
+  els.paused.hidden = !paused;
+  if (paused) els.card.dataset.paused = "true";
+  else delete els.card.dataset.paused;
+  renderEta(els, view, { paused });
+
+  renderChildren({ box: els.children, summary: els.childrenSummary, list: els.childList }, view, openChild);
   renderLog(els.log, view);
-  renderOutcome(els.outcome, view);
+  renderOutcome(els.outcome, view, openChild);
+}
+
+/** @private What a parent's log row says of its child: "running · 55%", "completed". */
+function childWords(child) {
+  const status = statusLabel(child.status).toLowerCase();
+  return child.status === "running" ? `${status} · ${Math.round(child.progress ?? 0)}%` : status;
 }
 
 /** @private The step log: one row per event, with its time. */
 function renderLog(list, view) {
+  const names = new Map((view.children ?? []).map((c) => [c.id, c]));
   const rows = view.log.map((entry) => {
-    const label = entry.event === "progress" ? stepLabel(entry.step) || "Progress" : EVENT_LABELS[entry.event] ?? entry.event;
+    const label = entry.child
+      ? childName(names.get(entry.child.id) ?? { id: entry.child.id })
+      : entry.event === "progress"
+        ? stepLabel(entry.step) || "Progress"
+        : EVENT_LABELS[entry.event] ?? entry.event;
+    const message = entry.child ? childWords(entry.child) : entry.message;
     return h(
       "li",
       {
-        class: `log-entry log-${entry.event}`,
+        class: `log-entry log-${entry.event}${entry.child ? ` log-child log-child-${entry.child.status}` : ""}`,
         "data-seqs": entry.seqs.join(" "),
         "data-event": entry.event,
         "data-step": entry.step,
+        "data-child": entry.child?.id,
       },
       h("time", { datetime: entry.ts, class: "log-time" }, clockTime(entry.ts)),
       h("span", { class: "log-elapsed" }, elapsed(view.createdAt, entry.ts)),
       h("span", { class: "log-label" }, label),
-      entry.message ? h("span", { class: "log-message" }, entry.message) : null,
+      message ? h("span", { class: "log-message" }, message) : null,
     );
   });
   if (view.gap) {
@@ -268,16 +344,25 @@ function renderLog(list, view) {
   list.replaceChildren(...rows);
 }
 
-/** @private The end of a task: the report, or why it did not finish. */
-function renderOutcome(box, view) {
+/**
+ * @private The end of a task: the report, or why it did not finish. Drawn again only when
+ * what it shows changed, so a chart is not rebuilt and a focused button not lost at every
+ * render.
+ */
+function renderOutcome(box, view, openChild) {
+  const key = [view.id, view.status, view.seq, view.children?.length ?? 0, openChild ? 1 : 0].join("|");
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  const what = view.kind === BATCH_KIND ? "multi-stock analysis" : "analysis";
   if (view.status === "completed") {
-    box.replaceChildren(renderReport(view.result ?? {}));
+    const result = view.result ?? {};
+    box.replaceChildren(Array.isArray(result.ranking) ? renderRanking(result, view, openChild) : renderReport(result));
   } else if (view.status === "failed") {
     box.replaceChildren(
       h(
         "div",
         { class: "outcome outcome-failed", role: "alert" },
-        h("strong", {}, "The analysis failed."),
+        h("strong", {}, `The ${what} failed.`),
         " ",
         view.error ?? "",
       ),
@@ -289,7 +374,7 @@ function renderOutcome(box, view) {
         { class: "outcome outcome-cancelled" },
         h("strong", {}, "Cancelled."),
         " ",
-        view.error === "cancelled by user" ? "You stopped this analysis." : view.error ?? "",
+        view.error === "cancelled by user" ? `You stopped this ${what}.` : view.error ?? "",
       ),
     );
   } else {
@@ -342,6 +427,7 @@ export function renderReport(result) {
       h("div", {}, h("dt", {}, "As of"), h("dd", {}, result.as_of ?? "—")),
       h("div", {}, h("dt", {}, "Data"), h("dd", {}, result.data_source ?? "—")),
     ),
+    hasSeries(result.series) ? priceChart(result.series, result.code ?? "") : null,
     h(
       "table",
       { class: "indicators" },

@@ -75,3 +75,41 @@ def unreadable(page: Page, selectors: list[str]) -> list[str]:
 def overflow_px(page: Page) -> int:
     """How far the page is wider than the viewport (0 or less: it fits)."""
     return int(page.evaluate("() => document.documentElement.scrollWidth - innerWidth"))
+
+
+#: WCAG 2.1 (1.4.11) for graphical objects such as a chart's lines.
+MIN_GRAPHIC_CONTRAST = 3.0
+
+#: For each visible SVG shape matching the selector: its stroke colour's contrast against the
+#: background it is drawn on (the nearest ancestor with one), and its `data-line`.
+STROKES_JS = CONTRASTS_JS.replace(
+    "const out = [];\n  for (const selector of selectors) {",
+    """const out = [];
+  for (const selector of selectors.strokes ?? []) {
+    for (const el of document.querySelectorAll(selector)) {
+      if (el.getClientRects().length === 0) continue;
+      const host = el.ownerSVGElement ?? el;
+      const bg = backdrop(host.parentElement);
+      const fg = over(parse(getComputedStyle(el).stroke), bg);
+      const [hi, lo] = [luminance(fg), luminance(bg)].sort((a, b) => b - a);
+      out.push({ selector: `${selector}[${el.dataset.line ?? ""}]`,
+                 ratio: Math.round(((hi + 0.05) / (lo + 0.05)) * 100) / 100 });
+    }
+  }
+  for (const selector of selectors.texts ?? []) {""",
+)
+
+assert STROKES_JS != CONTRASTS_JS, "CONTRASTS_JS changed: STROKES_JS no longer extends it"
+
+
+def faint_lines(page: Page, selector: str) -> list[str]:
+    """The shapes matching `selector` whose stroke is below MIN_GRAPHIC_CONTRAST against
+    their background, or ["<selector>: not shown"] when none is visible."""
+    found = page.evaluate(STROKES_JS, {"strokes": [selector]})
+    if not found:
+        return [f"{selector}: not shown"]
+    return [
+        f"{item['selector']}: {item['ratio']}"
+        for item in found
+        if item["ratio"] < MIN_GRAPHIC_CONTRAST
+    ]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..helpers import PASSWORD
+from .readability import unreadable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Route, WebSocketRoute
@@ -154,10 +155,15 @@ def record_subscribes(page: Page) -> list[dict[str, Any]]:
 def test_register_login_and_logout(
     page: Page, server: ServerProcess, screenshots: Path, page_errors: list[str]
 ) -> None:
-    """Register through the form, log out, log in with the keyboard, log out again."""
+    """Register through the form, log out, log in with the keyboard, log out again; logged
+    out, the connection pill is neutral ("idle"), not an error."""
     expect = _expect()
     page.goto(server.url + "/")
     expect(page.locator("#login-form")).to_be_visible()
+    pill = page.locator("#connection-status")
+    # Nothing was tried yet: no "Not connected" or "Disconnected" before anything happened.
+    expect(pill).to_have_attribute("data-state", "idle")
+    expect(pill.locator("#connection-text")).to_have_text("Live after log-in")
     page.screenshot(path=screenshots / "login.png", animations="disabled")
     register_through_form(page, server, "alice")
     token = page.evaluate("() => JSON.parse(sessionStorage.getItem('progress.session')).token")
@@ -168,7 +174,8 @@ def test_register_login_and_logout(
     assert logout.value.status == 204
     expect(page.locator("#login-form")).to_be_visible()
     expect(page.locator("#auth-message")).to_contain_text("logged out")
-    expect(page.locator("#connection-status")).to_have_attribute("data-state", "closed")
+    expect(pill).to_have_attribute("data-state", "idle")
+    expect(pill.locator("#connection-text")).to_have_text("Live after log-in")
     assert page.evaluate("() => sessionStorage.getItem('progress.session')") is None
     # Logging out ended the session on the server too: the token no longer works.
     status = page.evaluate(
@@ -276,41 +283,185 @@ def test_server_restart_mid_task(
     assert page_errors == []
 
 
-def test_reload_offers_resume(
+def wait_for(page: Page, condition: Callable[[], Any]) -> Any:
+    """Let the page (and Playwright's handlers) run until `condition()` is truthy; bounded by
+    the expectation timeout."""
+    from .conftest import EXPECT_TIMEOUT_MS
+
+    deadline = time.monotonic() + EXPECT_TIMEOUT_MS / 1000
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        page.wait_for_timeout(20)
+    return value
+
+
+def current_view(page: Page) -> dict[str, Any]:
+    """What the page stored of the task on screen (sessionStorage)."""
+    return dict(
+        page.evaluate(
+            """() => JSON.parse(sessionStorage.getItem('progress.views'))
+                 [JSON.parse(sessionStorage.getItem('progress.current'))].view"""
+        )
+    )
+
+
+def test_reload_shows_the_task_again_at_once(
     page: Page,
     make_server: Callable[..., ServerProcess],
     screenshots: Path,
     page_errors: list[str],
 ) -> None:
-    """Reload with a task running: "Resume" continues from the stored seq, no step twice."""
+    """Reload mid-task: the card shows what the page stored before the server has sent
+    anything, then goes on live from the stored seq; nothing offered to resume, no step twice."""
     expect = _expect()
     server = make_server(0.5)
     register_through_form(page, server, "dave")
     start_analysis(page, "000001")
     expect(page.locator("#step-log li[data-step=load_prices]")).to_be_visible()
 
-    subscribes = record_subscribes(page)
-    page.reload()
-    resume = page.get_by_role("button", name=re.compile("Resume"))
-    expect(resume).to_be_visible()
-    expect(page.locator("#resume-banner")).to_contain_text("000001")
-    stored = page.evaluate(
-        "() => Object.values(JSON.parse(sessionStorage.getItem('progress.views')))[0].view.seq"
-    )
-    assert stored >= 3  # created, started, load_prices
-    resume.click()
-    expect(page.locator("#resume-banner")).to_be_hidden()
-    expect(page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
-    page.screenshot(path=screenshots / "resumed.png", full_page=True, animations="disabled")
+    held: list[WebSocketRoute] = []
+    sent: list[tuple[str, dict[str, Any]]] = []
 
-    assert [m["last_seq"] for m in subscribes] == [stored]
+    def route(ws: WebSocketRoute) -> None:
+        if not held:
+            # The first socket after the reload reaches nobody: whatever the card shows
+            # then, the page had it from its storage.
+            held.append(ws)
+            ws.on_message(lambda m: sent.append(("held", json.loads(m))))
+            return
+        upstream = ws.connect_to_server()
+
+        def forward(message: str | bytes) -> None:
+            sent.append(("live", json.loads(message)))
+            upstream.send(message)
+
+        ws.on_message(forward)
+
+    page.route_web_socket(re.compile(r"/api/v1/ws"), route)
+    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active$")):
+        page.reload()
+    wait_for(page, lambda: sent)
+    stored = current_view(page)
+    assert stored["seq"] >= 3  # created, started, load_prices
+    expect(page.locator("#task-title")).to_have_text("000001 · Stock analysis")
+    expect(page.locator("#task-body")).to_be_visible()
+    expect(page.locator("#task-empty")).to_be_hidden()
+    seqs = [seq for entry in log_entries(page) for seq in entry["seqs"]]
+    assert seqs == list(range(1, stored["seq"] + 1))  # every stored row, from storage alone
+    expect(page.get_by_role("progressbar")).to_have_attribute(
+        "aria-valuenow", str(round(stored["progress"]))
+    )
+    # It resubscribed from the stored seq, and the task is not offered for resuming.
+    assert [(w, m["action"], m["last_seq"]) for w, m in sent] == [
+        ("held", "subscribe", stored["seq"])
+    ]
+    expect(page.locator("#resume-banner")).to_be_hidden()
+
+    # The socket drops (a server restart, say): the client reconnects, for real this time.
+    held[0].close(code=1012, reason="service restart")
+    expect(page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    page.screenshot(path=screenshots / "resumed.png", full_page=True, animations="disabled")
+    live = [m for w, m in sent if w == "live" and m["action"] == "subscribe"]
+    assert [m["last_seq"] for m in live] == [stored["seq"]]
     assert_clean_log(log_entries(page))
 
-    # Nothing is active any more: a reload offers nothing to resume.
-    page.reload()
+    # Nothing is active any more: a reload shows the finished task and offers nothing.
+    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active$")):
+        page.reload()
     expect(page.locator("#user-name")).to_have_text("dave")
+    expect(page.locator("#task-status")).to_have_text("Completed")
     expect(page.locator(".task-item")).to_have_count(1)
     expect(page.locator("#resume-banner")).to_be_hidden()
+    assert page_errors == []
+
+
+def test_resume_banner_drops_a_task_once_it_is_on_screen(
+    page: Page, server: ServerProcess, page_errors: list[str]
+) -> None:
+    """Two running tasks not on screen are offered after a reload; one opened from the
+    recent list leaves the banner (the other stays), also once it has completed."""
+    expect = _expect()
+    register_through_form(page, server, "ruth")
+    token = page_token(page)
+    ids = []
+    for name in ("first", "second"):
+        task = http(server, "POST", "/tasks", {"kind": name, "params": {}}, token)
+        http(server, "POST", f"/tasks/{task['id']}/progress", {"progress": 0}, token)
+        ids.append(task["id"])
+    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active$")):
+        page.reload()
+    banner = page.locator("#resume-banner")
+    expect(banner.locator("li")).to_have_count(2)
+    expect(banner).to_contain_text("0% done")
+
+    open_from_recent(page, ids[0])
+    expect(page.locator("#task-title")).to_have_text("first")
+    expect(banner.locator(f"li[data-task-id='{ids[0]}']")).to_have_count(0)
+    expect(banner.locator(f"li[data-task-id='{ids[1]}']")).to_have_count(1)
+    http(server, "POST", f"/tasks/{ids[0]}/complete", {"result": {}}, token)
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    expect(banner.locator("li")).to_have_count(1)
+    expect(banner).to_be_visible()  # the second is still running, and still offered
+
+    open_from_recent(page, ids[1])
+    expect(page.locator("#task-title")).to_have_text("second")
+    expect(banner).to_be_hidden()  # nothing left to offer
+    assert page_errors == []
+
+
+def test_card_says_live_updates_are_paused_while_the_server_is_down(
+    page: Page,
+    make_server: Callable[..., ServerProcess],
+    screenshots: Path,
+    page_errors: list[str],
+) -> None:
+    """Server killed mid-task: the card says live updates are paused and since when, the
+    bar stops moving, no time left shown; restarted: the notice goes, the task finishes."""
+    expect = _expect()
+    # A short lease: the restarted server takes the killed one's job over within a second.
+    server = make_server(0.5, "--job-lease-ttl", "2")
+    register_through_form(page, server, "paula")
+    start_analysis(page, "600519")
+    expect(page.locator("#step-log li[data-step=moving_averages]")).to_be_visible()
+    notice = page.locator("#task-paused")
+    fill = page.locator("#task-progress .progress-fill")
+    expect(notice).to_be_hidden()
+    assert fill.evaluate("e => getComputedStyle(e).animationName") == "stripes"
+
+    before = page.evaluate("() => Date.now()")
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    expect(notice).to_be_visible()
+    after = page.evaluate("() => Date.now()")
+    text = notice.inner_text()
+    match = re.fullmatch(
+        r"Live updates paused since (\d\d:\d\d:\d\d): the connection to the server was"
+        r" lost\. Reconnecting…",
+        text,
+    )
+    assert match, text
+    # "since" is when it went down: a second between the kill and the notice.
+    seconds = page.evaluate(
+        """([a, b]) => { const out = [];
+             for (let t = a - a % 1000; t <= b; t += 1000) out.push(new Date(t)
+               .toLocaleTimeString([], {hour: '2-digit', minute: '2-digit', second: '2-digit'}));
+             return out; }""",
+        [before, after],
+    )
+    assert match[1] in seconds, (match[1], seconds)
+    assert fill.evaluate("e => getComputedStyle(e).animationName") == "none"
+    expect(page.locator("#task-card")).to_have_attribute("data-paused", "true")
+    expect(page.locator("#task-eta")).to_be_hidden()
+    expect(page.locator("#task-status")).to_have_text("Running")
+    assert unreadable(page, ["#task-paused"]) == []
+    page.screenshot(path=screenshots / "paused.png", animations="disabled")
+
+    server.start()  # same port and database: the page reconnects, the job resumes
+    expect(notice).to_be_hidden()
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    expect(page.locator("#task-card")).not_to_have_attribute("data-paused", "true")
+    assert_clean_log(log_entries(page))
     assert page_errors == []
 
 
@@ -397,7 +548,7 @@ def test_stale_stored_token_shows_the_login_form(
     page.reload()
     expect(page.locator("#login-form")).to_be_visible()
     expect(page.locator("#auth-message")).to_contain_text("session has expired")
-    expect(page.locator("#connection-status")).to_have_attribute("data-state", "closed")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "idle")
     assert page.evaluate("() => sessionStorage.getItem('progress.session')") is None
     assert page_errors == []
 
@@ -560,7 +711,7 @@ def test_revoked_session_shows_the_login_form(
     page.reload()
     expect(page.locator("#login-form")).to_be_visible()
     expect(page.locator("#auth-message")).to_contain_text("session has expired")
-    expect(page.locator("#connection-status")).to_have_attribute("data-state", "closed")
+    expect(page.locator("#connection-status")).to_have_attribute("data-state", "idle")
     # Closed for good: these counts are final.
     assert len(sockets) == 1
     assert len(refreshes) == 1
