@@ -180,6 +180,7 @@ def _summarise(results: list[dict[str, Any]], server_cpu: float) -> Figures:
         "max_ms": max(latencies) * 1000 if latencies else float("nan"),
         "client_cpu_s": sum(r["cpu_seconds"] for r in results),
         "server_cpu_s": server_cpu,
+        "cpu_us_per_delivery": server_cpu / max(1, sum(r["received"] for r in results)) * 1e6,
     }
 
 

@@ -44,7 +44,8 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass
 class Target:
-    """A running server: ours ("server") or the bare reference ("reference")."""
+    """A running server: ours ("server"), or a bare reference: the direct-write fan-out
+    ("reference") or the same with every post group-committed to SQLite ("durable")."""
 
     name: str
     port: int
@@ -68,11 +69,21 @@ class Target:
 
     @property
     def is_reference(self) -> bool:
-        return self.name == "reference"
+        return self.name in ("reference", "durable")
 
     def command(self) -> list[str]:
         if self.is_reference:
-            return [sys.executable, "-m", "benchmarks.reference_server", "--port", str(self.port)]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.reference_server",
+                "--port",
+                str(self.port),
+            ]
+            if self.name == "durable":
+                assert self.db_dir is not None
+                command += ["--durable", str(self.db_dir / "reference.db")]
+            return command
         assert self.db_dir is not None
         store = ["--store", self.store] if self.store else ["--db", str(self.db_dir / "bench.db")]
         return [
@@ -89,7 +100,7 @@ class Target:
         ]
 
     def start(self) -> None:
-        if self.db_dir is None and not self.is_reference:
+        if self.db_dir is None and self.name != "reference":
             self.db_dir = Path(tempfile.mkdtemp(prefix="bench-"))
         log_dir = self.db_dir or Path(tempfile.mkdtemp(prefix="bench-ref-"))
         self.log_path = log_dir / f"{self.name}.log"
