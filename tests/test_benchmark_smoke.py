@@ -41,6 +41,11 @@ def test_benchmark_quick_run(tmp_path):
             assert figures["received"]["median"] > 0, (scenario, variant)
             for key in ("lost", "gaps", "dups"):
                 assert figures[key]["max"] == 0, (scenario, variant, key)
+    for scenario in ("B1", "B3"):  # the durable reference: every post committed, delivered
+        figures = scenarios[scenario]["durable"]
+        assert figures["received"]["median"] > 0 and figures["lost"]["max"] == 0, scenario
+    assert scenarios["B6"]["durable"]["events_per_s"]["median"] > 0
+    assert "target B3 deliveries_per_s" in stdout and "vs durable" in stdout
     assert scenarios["B4"]["server"]["rss_per_conn_kib"]["median"] > 0
     assert scenarios["B6"]["server"]["events_per_s"]["median"] > 0
     assert scenarios["B6"]["naive"]["events_per_s"]["median"] > 0
