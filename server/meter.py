@@ -1,19 +1,24 @@
-"""Rate and ETA of a task's progress: an exponential moving average, as tqdm smooths its.
+"""Rate and ETA of a task's progress: moving averages of progress and time, in the spirit
+of tqdm's smoothing, weighted by time rather than by update.
 
 The meter keeps a reference point (time and progress of the last update it counted) and
-moving averages of the progress made and the time taken between updates; the rate is their
-ratio (percent per second), so one burst or one stall moves it part of the way only, and a
-pause makes it fall gradually rather than to zero. It is computed at commit from the
-task's own history and stored with the task, so every watcher sees the same numbers and
-they continue across restarts. Pure.
+exponentially decaying sums of the progress made and the time taken since: each sum loses
+a factor e^(-interval / HORIZON) per interval, so the rate (their ratio, percent per
+second) is about the progress of the last HORIZON seconds over their duration. One burst
+or one stall moves it part of the way only, a pause makes it fall gradually rather than to
+zero, and updates that come at uneven intervals (a parent whose children report a few
+milliseconds apart) do not skew it, as a per-update average would. It is computed at
+commit from the task's own history and stored with the task, so every watcher sees the
+same numbers and they continue across restarts. Pure.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-#: Weight of the newest interval in the moving averages (tqdm's `smoothing` default).
-SMOOTHING = 0.3
+#: Seconds over which the averages mostly look back (their decay's time constant).
+HORIZON = 20.0
 #: The rate is shown once the task has had this many updates ...
 MIN_UPDATES = 2
 #: ... over at least this many seconds.
@@ -31,7 +36,7 @@ class Meter:
     #: Epoch seconds of the first update, and updates seen.
     t0: float
     n: int
-    #: Moving averages of progress made (percent) and time taken (seconds) per interval.
+    #: Decaying sums of progress made (percent) and time taken (seconds) since `t0`.
     dp: float = 0.0
     dt: float = 0.0
 
@@ -60,10 +65,9 @@ def advance(
     if interval < MIN_INTERVAL:
         meter = Meter(meter.t, meter.p, meter.t0, n, meter.dp, meter.dt)
     else:
-        first = meter.dt == 0.0
-        made = progress - meter.p
-        dp = made if first else SMOOTHING * made + (1 - SMOOTHING) * meter.dp
-        dt = interval if first else SMOOTHING * interval + (1 - SMOOTHING) * meter.dt
+        decay = math.exp(-interval / HORIZON)
+        dp = meter.dp * decay + (progress - meter.p)
+        dt = meter.dt * decay + interval
         meter = Meter(now, progress, meter.t0, n, dp, dt)
     if meter.dt == 0.0 or n < MIN_UPDATES or now - meter.t0 < MIN_SPAN:
         return meter, None, None

@@ -63,3 +63,18 @@ def test_a_batch_of_updates_at_one_instant_is_one_interval() -> None:
     shown = run([(0.0, 0), (1.0, 10), (1.0, 20), (1.0, 30), (2.0, 40)])
     rate, _ = shown[-1]
     assert rate is not None and 10 < rate < 40
+
+
+def test_uneven_intervals_do_not_skew_the_rate() -> None:
+    """A parent whose two children report 5 ms apart every 0.7 s: +2.5 % each, so 5 % per
+    0.7 s; the rate shown stays within 10 % of that (a per-update average overshoots)."""
+    schedule = []
+    now, progress = 0.0, 0.0
+    for _ in range(30):
+        for gap in (0.005, 0.695):
+            now += gap
+            progress += 2.5 * 100 / 150  # 30 rounds x 2 updates reach 100
+            schedule.append((now, progress))
+    true_rate = 2 * 2.5 * 100 / 150 / 0.7
+    for rate, _ in run(schedule)[10:]:
+        assert rate is not None and abs(rate - true_rate) / true_rate < 0.1, rate
