@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -62,9 +63,18 @@ CONTRASTS_JS = """
 """
 
 
-def unreadable(page: Page, selectors: list[str]) -> list[str]:
-    """The selectors with a visible match below MIN_CONTRAST, or with no visible text at all."""
-    found = page.evaluate(CONTRASTS_JS, selectors)
+def unreadable(page: Page, selectors: list[str], wait_s: float = 5.0) -> list[str]:
+    """The selectors with a visible match below MIN_CONTRAST, or with no visible text at all.
+
+    A selector with nothing shown yet is looked at again for up to `wait_s` seconds: a page
+    draws some parts (a replayed step log) a moment after others.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = page.evaluate(CONTRASTS_JS, selectors)
+        if all(item["ratio"] is not None for item in found) or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(100)
     return [
         f"{item['selector']}: {'not shown' if item['ratio'] is None else item['ratio']}"
         for item in found

@@ -403,6 +403,9 @@ def test_a_finished_analysis_reads_well_on_a_phone(
         page.locator(f".task-item[data-task-id='{parent['id']}']").click()
         expect(page.locator("#task-result table.ranking tbody tr")).to_have_count(3)
         expect(page.locator("#child-list .child-item")).to_have_count(3)
+        # The step log is drawn from the replayed events, after the ranking and the bars.
+        expect(page.locator("#step-log .log-label").first).to_be_visible()
+        expect(page.locator("#step-log .log-message").first).to_be_visible()
         assert overflow_px(page) <= 0
         texts = [
             "#task-title",
