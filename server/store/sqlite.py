@@ -174,25 +174,7 @@ class SQLiteStore:
         if before is not None:
             where += " AND (created_at, rowid) < (?, ?)"
             args += list(before)
-        sizes = await self._db.fetch(
-            "SELECT rowid, created_at, bytes + coalesce(length(CAST(message AS BLOB)), 0)"
-            f" + coalesce(length(CAST(error AS BLOB)), 0) FROM tasks WHERE {where}"
-            " ORDER BY created_at DESC, rowid DESC LIMIT ?",
-            [*args, limit + 1],
-            bulk=True,
-        )
-        chosen, cut = fit(sizes[:limit], max_bytes, 2)
-        if not chosen:
-            return TaskPage([], None)
-        rows = await self._db.fetch(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE rowid IN ({','.join('?' * len(chosen))})"
-            " ORDER BY created_at DESC, rowid DESC",
-            [row[0] for row in chosen],
-            bulk=True,
-        )
-        more = cut or len(sizes) > limit
-        last = chosen[-1]
-        return TaskPage([_task_from_row(row) for row in rows], (last[1], last[0]) if more else None)
+        return await self._task_page(where, args, "DESC", limit, max_bytes)
 
     async def list_children(
         self,
@@ -203,14 +185,23 @@ class SQLiteStore:
         max_bytes: int = MAX_PAGE_BYTES,
     ) -> TaskPage:
         """A task's children, oldest first; `after` continues a page as `before` does."""
-        where, args = "parent_id = ?", [parent_id]
+        where = "parent_id = ?"
+        args: list[Any] = [parent_id]
         if after is not None:
             where += " AND (created_at, rowid) > (?, ?)"
             args += list(after)
+        return await self._task_page(where, args, "ASC", limit, max_bytes)
+
+    async def _task_page(
+        self, where: str, args: list[Any], direction: str, limit: int, max_bytes: int
+    ) -> TaskPage:
+        """Tasks matching `where`, in `direction` of (created_at, rowid): the sizes first,
+        then the rows of the prefix that fits `max_bytes` (`records.fit`)."""
+        order = f"created_at {direction}, rowid {direction}"
         sizes = await self._db.fetch(
             "SELECT rowid, created_at, bytes + coalesce(length(CAST(message AS BLOB)), 0)"
             f" + coalesce(length(CAST(error AS BLOB)), 0) FROM tasks WHERE {where}"
-            " ORDER BY created_at, rowid LIMIT ?",
+            f" ORDER BY {order} LIMIT ?",
             [*args, limit + 1],
             bulk=True,
         )
@@ -219,7 +210,7 @@ class SQLiteStore:
             return TaskPage([], None)
         rows = await self._db.fetch(
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE rowid IN ({','.join('?' * len(chosen))})"
-            " ORDER BY created_at, rowid",
+            f" ORDER BY {order}",
             [row[0] for row in chosen],
             bulk=True,
         )
