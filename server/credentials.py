@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 READ, WRITE = "tasks:read", "tasks:write"
 SCOPES = (READ, WRITE)
-#: What a login token may do (every scope, and more: see Identity.kind).
-ALL_SCOPES = frozenset(SCOPES)
 API_KEY_PREFIX, SHARE_PREFIX = "pk_", "st_"
 #: Live API keys one user may hold.
 MAX_KEYS_PER_USER = 100

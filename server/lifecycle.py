@@ -672,12 +672,14 @@ def plan_batch(
     Pure but for `clock` (the time of each event) and the random ids of created tasks.
     """
     planner = _Planner(view, quotas, clock)
-    answers: dict[tuple[int, str], Answer] = {}
+    #: The first answer of each key used in this batch (replayed to a second use).
+    answers: dict[tuple[int, str], tuple[Claim, Answer]] = {}
     outcomes: list[Outcome] = []
     for request in requests:
         claim = request.claim
         if claim is not None:
-            earlier = answers.get((claim.user_id, claim.key)) or view.answer(claim)
+            staged = answers.get((claim.user_id, claim.key))
+            earlier = staged[1] if staged is not None else view.answer(claim)
             if earlier is not None:
                 outcomes.append(_replay(claim, earlier))
                 continue
@@ -686,13 +688,14 @@ def plan_batch(
         outcomes.append(outcome)
         if claim is not None and outcome.error is None:
             # Refusals are not kept: a retry of a refused request is tried again.
-            answers[(claim.user_id, claim.key)] = answer_of(change, outcome, claim.fingerprint)
+            answer = answer_of(change, outcome, claim.fingerprint)
+            answers[(claim.user_id, claim.key)] = (claim, answer)
     return Plan(
         outcomes=outcomes,
         writes=planner.writes,
         unfinished_delta=planner.unfinished_delta,
         bytes_delta=planner.bytes_delta,
-        answers=[(Claim(u, k, a.fingerprint), a) for (u, k), a in answers.items()],
+        answers=list(answers.values()),
     )
 
 

@@ -93,6 +93,3 @@ class Tree:
 def effective(status: TaskStatus, progress: float) -> float:
     """What a child counts for in its parent's mean: a finished child counts 100."""
     return 100.0 if status.is_terminal else float(progress)
-
-
-EMPTY_COUNTS = Tree().counts()
