@@ -760,3 +760,20 @@ async def test_cancelling_a_parent_cancels_its_subtree(backend: Backend) -> None
     for task_id in (a.created.id, b.created.id):
         task = await backend.store.get_task(task_id)
         assert task is not None and task.status is TaskStatus.CANCELLED
+
+
+async def test_a_key_revoked_on_one_node_ends_its_sockets_on_another(backend: Backend) -> None:
+    """Credentials.sweep on node B finds a key node A revoked (and skips login sessions),
+    telling B's listeners, which close those sockets."""
+    from server.credentials import Credentials
+
+    uid = await user(backend)
+    node_a, node_b = Credentials(backend.grants), Credentials(backend.grants)
+    record, key = await node_a.create_key(uid, "w", ["tasks:read"])
+    assert (await node_b.identify(key)).user_id == uid  # now cached on B
+    ended: list[set[str]] = []
+    node_b.add_listener(ended.append)
+    assert await node_b.sweep({f"pk:{record.id}", "login-session-id"}) == set()
+    assert await node_a.revoke_key(uid, record.id)
+    assert await node_b.sweep({f"pk:{record.id}", "login-session-id"}) == {f"pk:{record.id}"}
+    assert ended == [{f"pk:{record.id}"}]
