@@ -303,7 +303,7 @@ async def report_progress(request: web.Request) -> web.Response:
             items.append(_progress(item))
         change = ProgressBatch(tuple(items))
     else:
-        data = validate(_REPORT_PROGRESS, body)
+        data = schemas.plain_progress(body) or validate(_REPORT_PROGRESS, body)
         _check_message(request, data.get("message"))
         change = _progress(data)
     return await _change(request, identity, change, body)
