@@ -248,6 +248,29 @@ async def test_keepalive_and_head_deadline_on_a_kept_alive_connection(
     assert await server.stop() == 0
 
 
+async def test_a_busy_kept_alive_connection_outlives_many_head_deadlines(
+    make_server: MakeServer,
+) -> None:
+    """The head deadline counts from each request's first byte: a client that sends one
+    whole request after another on one connection, for several --header-timeout spans,
+    is never closed by it (the one timer per connection is re-armed, not fired)."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    server = make_server("--keepalive-timeout", "60", "--header-timeout", "1")
+    await server.start()
+    conn = await Raw.open(server)
+    for _ in range(12):  # 12 x 0.3 s: past three deadlines, and the jitter
+        await conn.send(request)
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        await conn.reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1)))
+        await asyncio.sleep(0.3)
+    stop = asyncio.Event()
+    async with asyncio.timeout(DROP_BOUND):  # and a dribbled head is still cut off
+        assert await dribble(conn, b"GET /healthz HTTP/1.1\r\n", stop) is True
+    conn.close()
+    assert await server.stop() == 0
+
+
 async def test_websockets_count_against_the_tcp_cap(make_server: MakeServer) -> None:
     """Open WebSockets hold TCP slots and are never dropped by the head deadline."""
     server = make_server(

@@ -78,11 +78,15 @@ def request_deadline(timeout: float) -> Middleware:
             # limit) read their body themselves, under the same deadline (BodyTimeout).
             own = getattr(request.match_info.handler, "reads_own_body", False)
             if request.can_read_body and not own:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await read_body(request)  # cached: the handler's read returns it
-                except TimeoutError:
-                    return await _drop_slow_body(request, timeout)
+                if request.content.is_eof():
+                    # All of it came with the head (most bodies do): no wait, no timer.
+                    await read_body(request)
+                else:
+                    try:
+                        async with asyncio.timeout(timeout):
+                            await read_body(request)  # cached: the handler's read returns it
+                    except TimeoutError:
+                        return await _drop_slow_body(request, timeout)
             try:
                 return await handler(request)
             except BodyTimeout:

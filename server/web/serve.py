@@ -36,6 +36,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
+from ..process import tune_garbage_collector
 from ..refusals import Refusals
 from .keys import config_key, metrics_key, resumed_jobs_key
 from .logs import AccessLogger
@@ -109,14 +110,27 @@ def url_of(sock: socket.socket) -> str:
 class GuardedRequestHandler(web.RequestHandler):
     """aiohttp's HTTP protocol with a deadline for each request's head (`--header-timeout`).
 
-    The deadline is armed when the connection opens and again by the first byte after a
-    request; `request_started` (called by `middleware.request_deadline` once aiohttp has
-    parsed the head and handed the request to the app) disarms it. A connection past it
-    is closed: it sent nothing, or dribbles its headers (slowloris).
+    A head is awaited from the moment the connection opens, and again from the first byte
+    after a request; `request_started` (called by `middleware.request_deadline` once
+    aiohttp has parsed the head and handed the request to the app) ends the wait. A
+    connection whose head is late is closed: it sent nothing, or dribbles its headers
+    (slowloris).
+
+    One timer per connection at most, re-armed lazily: a kept-alive client sending
+    request after request would otherwise create and cancel a timer for each of them.
+    When the timer fires it closes the connection only if the head it finds awaited is
+    late; an earlier one finished, so it waits again for the rest of the current one.
     """
 
     # Slots, as in RequestHandler: one of these per open connection.
-    __slots__ = ("_gate", "_clock", "_header_timeout", "_head_deadline", "_in_request")
+    __slots__ = (
+        "_gate",
+        "_clock",
+        "_header_timeout",
+        "_head_deadline",
+        "_head_since",
+        "_in_request",
+    )
 
     def __init__(
         self,
@@ -130,49 +144,54 @@ class GuardedRequestHandler(web.RequestHandler):
         super().__init__(manager, loop=loop, **kwargs)
         self._gate = gate
         self._clock = loop
-        self._header_timeout = header_timeout
-        #: Closes the connection when its request head is late (None: not armed).
+        # Jittered: thousands of idle connections opened together are then closed over a
+        # spell of a tenth of the timeout, not in one loop iteration that stalls the rest.
+        self._header_timeout = header_timeout * (1 + HEADER_JITTER * random.random())
+        #: The timer that checks for a late head (None: none pending).
         self._head_deadline: asyncio.TimerHandle | None = None
+        #: Loop time since when a request head is awaited (None: none is).
+        self._head_since: float | None = None
         #: A request is in the app (its handler runs, or it is a WebSocket).
         self._in_request = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm()
+        self._await_head()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_deadline is None and not self._in_request and self.transport is not None:
-            self._arm()  # the first byte of the next request on a kept-alive connection
+        if self._head_since is None and not self._in_request and self.transport is not None:
+            self._await_head()  # the first byte of the next request on a kept-alive connection
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
+        self._head_since = None
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
         self._gate.closed()
         super().connection_lost(exc)
 
     def request_started(self) -> None:
         """The request's head is in; its body has its own deadline (request_deadline)."""
         self._in_request = True
-        self._disarm()
+        self._head_since = None
 
     def request_finished(self) -> None:
         self._in_request = False
 
-    def _arm(self) -> None:
-        self._disarm()
-        # Jittered: thousands of idle connections opened together are then closed over a
-        # spell of a tenth of the timeout, not in one loop iteration that stalls the rest.
-        timeout = self._header_timeout * (1 + HEADER_JITTER * random.random())
-        self._head_deadline = self._clock.call_later(timeout, self._head_late)
+    def _await_head(self) -> None:
+        self._head_since = self._clock.time()
+        if self._head_deadline is None:
+            self._head_deadline = self._clock.call_later(self._header_timeout, self._check_head)
 
-    def _disarm(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_late(self) -> None:
+    def _check_head(self) -> None:
         self._head_deadline = None
-        if self._in_request or self.transport is None:
+        since = self._head_since
+        if since is None or self._in_request or self.transport is None:
+            return  # no head awaited now; the next request's first byte starts a wait
+        left = since + self._header_timeout - self._clock.time()
+        if left > 0:  # an earlier head came in time; this one has the rest of its time
+            self._head_deadline = self._clock.call_later(left, self._check_head)
             return
         peer = self.peername
         where = peer[0] if isinstance(peer, tuple) else peer
@@ -373,6 +392,7 @@ async def _serve(app: web.Application, sockets: list[socket.socket]) -> None:
         metrics.bind_listener(gate)
         for sock in sockets:
             await GuardedSite(runner, sock, gate).start()
+        tune_garbage_collector()
         log.info(
             "server.ready url=%s store=%s resumed_jobs=%d",
             ",".join(url_of(sock) for sock in sockets),
