@@ -18,7 +18,6 @@ import logging
 import socket
 import struct
 import uuid
-from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -106,16 +105,18 @@ class Connection:
         self._transport = transport
         self._max_messages = max_messages
         self._max_bytes = max_bytes
-        #: Text messages and control items waiting for the writer.
         #: Text messages (with their size in bytes on the wire) and control items waiting
-        #: for the writer.
-        self._outbox: deque[tuple[str, int] | _Ping | _Close] = deque()
+        #: for the writer. A list, not a deque: it is almost always empty, and an empty
+        #: deque holds a 64-slot block (about 600 bytes) for each of thousands of sockets.
+        self._outbox: list[tuple[str, int] | _Ping | _Close] = []
         #: Bytes of text waiting in _outbox.
         self._queued_bytes = 0
-        self._wakeup: asyncio.Future[None] | None = None
         #: True once a close was decided: nothing more is queued.
         self._closing = False
-        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
+        #: The task draining _outbox, started when something is queued and gone once it
+        #: is empty: an idle socket (most are: frames go straight to the transport) holds
+        #: no task and no coroutine frame, about 1 KiB each.
+        self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         #: True while the writer task is inside a send (frames then go through the outbox).
         self._sending = False
@@ -174,7 +175,8 @@ class Connection:
         self.close_code = self.close_code or 1006
         self.close_reason = self.close_reason or reason
         self._outbox.clear()
-        self._writer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
         self._reset()
 
     # -- used by the WebSocket handler ---------------------------------------------------
@@ -200,15 +202,13 @@ class Connection:
         handler_cancellation is on, as in its test server): the writer is stopped anyway.
         """
         self._closing = True
-        self._wake()  # an idle writer sees _closing and returns at once
         try:
             if self._closer is not None:
                 await asyncio.wait([self._closer], timeout=CLOSE_GRACE * 2)
-            if not self._writer.done():
-                # Give an ongoing close (shutdown notice + 1001) a moment, then stop it.
-                await asyncio.wait([self._writer], timeout=CLOSE_GRACE)
+            # Give an ongoing close (shutdown notice + 1001) a moment, then stop it.
+            await self.wait_writer(CLOSE_GRACE)
         finally:
-            if not self._writer.done():
+            if self._writer is not None and not self._writer.done():
                 self._writer.cancel()
             if self._transport is not None and self.close_code in (
                 protocol.CLOSE_SLOW_CONSUMER,
@@ -224,10 +224,12 @@ class Connection:
 
     @property
     def writer_done(self) -> bool:
-        return self._writer.done()
+        """Nothing is being sent or waits to be (the writer ended, or never had to start)."""
+        return self._writer is None or self._writer.done()
 
     async def wait_writer(self, timeout: float) -> None:
-        await asyncio.wait([self._writer], timeout=timeout)
+        if self._writer is not None and not self._writer.done():
+            await asyncio.wait([self._writer], timeout=timeout)
 
     async def wait_for_room(self) -> None:
         """Wait until the outbox and the socket's write buffer are at most half full.
@@ -276,8 +278,11 @@ class Connection:
         self._transport.abort()
 
     def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        """Something was queued: start the writer unless it runs (it drains all of it)."""
+        if (self._writer is None or self._writer.done()) and not self._aborted:
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name=f"ws-writer-{self.id}"
+            )
 
     def _drop_slow(self, buffered: int, incoming: int) -> None:
         self.stats.slow_consumer_drops += 1
@@ -296,7 +301,8 @@ class Connection:
         self.close_reason = "slow consumer"
         self._outbox.clear()
         self._queued_bytes = 0
-        self._writer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
         self._closer = asyncio.create_task(
             self._close_then_abort(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
         )
@@ -312,17 +318,10 @@ class Connection:
                 self._reset()
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Send what is queued, in order, then end (the next `_wake` starts a new one)."""
         try:
-            while True:
-                if not self._outbox:
-                    if self._closing:
-                        return  # nothing more will be queued
-                    self._wakeup = loop.create_future()
-                    await self._wakeup
-                    self._wakeup = None
-                    continue
-                item = self._outbox.popleft()
+            while self._outbox:
+                item = self._outbox.pop(0)  # at most --send-queue-messages: a short move
                 self._sending = True
                 if isinstance(item, tuple):
                     text, size = item

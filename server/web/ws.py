@@ -83,23 +83,25 @@ def check_origin(request: web.Request) -> None:
         raise Forbidden("origin not allowed", code="origin_not_allowed")
 
 
-async def multi_task_socket(request: web.Request) -> web.StreamResponse:
-    """GET /api/v1/ws: one socket, many subscriptions."""
-    return await _serve(request, task_id=None, last_seq=None)
-
-
 async def task_socket(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/stock/ws/analyze/{task_id}[?last_seq=N]: subscribed to the task on open."""
     try:
         query = WsQuery().load(dict(request.query))
     except ValidationError as exc:
         raise BadRequest("invalid query", fields=exc.messages_dict) from None
-    return await _serve(request, task_id=request.match_info["task_id"], last_seq=query["last_seq"])
+    return await multi_task_socket(
+        request, task_id=request.match_info["task_id"], last_seq=query["last_seq"]
+    )
 
 
-async def _serve(
-    request: web.Request, task_id: str | None, last_seq: int | None
+async def multi_task_socket(
+    request: web.Request, task_id: str | None = None, last_seq: int | None = None
 ) -> web.StreamResponse:
+    """GET /api/v1/ws: one socket, many subscriptions (or, from task_socket, one task's).
+
+    The route's handler itself, not a wrapper around a shared coroutine: every level of
+    await is a frame an open socket keeps for its whole life (about 360 bytes each).
+    """
     # A refused origin or token is logged (auth.failed) and counted by the error middleware.
     check_origin(request)
     refuse_if_shedding(request)
