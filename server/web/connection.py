@@ -18,6 +18,7 @@ import logging
 import socket
 import struct
 import uuid
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ class _Close:
 
 
 _PING = _Ping()
+_Item = tuple[str, int] | _Ping | _Close
+#: The outbox of a connection that never had to queue anything.
+_NOTHING_QUEUED: tuple[()] = ()
 
 
 class _FrameCache:
@@ -106,9 +110,10 @@ class Connection:
         self._max_messages = max_messages
         self._max_bytes = max_bytes
         #: Text messages (with their size in bytes on the wire) and control items waiting
-        #: for the writer. A list, not a deque: it is almost always empty, and an empty
-        #: deque holds a 64-slot block (about 600 bytes) for each of thousands of sockets.
-        self._outbox: list[tuple[str, int] | _Ping | _Close] = []
+        #: for the writer. _NOTHING_QUEUED until the first one: it is almost always
+        #: empty, and an empty deque holds a 64-slot block (about 600 bytes) for each of
+        #: thousands of sockets.
+        self._outbox: deque[_Item] | tuple[()] = _NOTHING_QUEUED
         #: Bytes of text waiting in _outbox.
         self._queued_bytes = 0
         #: True once a close was decided: nothing more is queued.
@@ -154,13 +159,13 @@ class Connection:
                 self.stats.messages_sent += 1
                 self.stats.bytes_sent += size
             return
-        self._outbox.append((data, size))
+        self._enqueue((data, size))
         self._queued_bytes += size
         self._wake()
 
     def ping(self) -> None:
         if not self._closing:
-            self._outbox.append(_PING)
+            self._enqueue(_PING)
             self._wake()
 
     def abort(self, reason: str) -> None:
@@ -174,7 +179,7 @@ class Connection:
         self._closing = True
         self.close_code = self.close_code or 1006
         self.close_reason = self.close_reason or reason
-        self._outbox.clear()
+        self._outbox = _NOTHING_QUEUED
         if self._writer is not None:
             self._writer.cancel()
         self._reset()
@@ -190,8 +195,8 @@ class Connection:
         if self._closing:
             return
         if notice is not None:
-            self._outbox.append((notice, len(notice.encode())))
-        self._outbox.append(_Close(code, reason))
+            self._enqueue((notice, len(notice.encode())))
+        self._enqueue(_Close(code, reason))
         self._closing = True
         self._wake()
 
@@ -277,6 +282,11 @@ class Connection:
                 pass  # already closed
         self._transport.abort()
 
+    def _enqueue(self, item: _Item) -> None:
+        if not isinstance(self._outbox, deque):
+            self._outbox = deque()
+        self._outbox.append(item)
+
     def _wake(self) -> None:
         """Something was queued: start the writer unless it runs (it drains all of it)."""
         if (self._writer is None or self._writer.done()) and not self._aborted:
@@ -299,7 +309,7 @@ class Connection:
         self._closing = True
         self.close_code = protocol.CLOSE_SLOW_CONSUMER
         self.close_reason = "slow consumer"
-        self._outbox.clear()
+        self._outbox = _NOTHING_QUEUED
         self._queued_bytes = 0
         if self._writer is not None:
             self._writer.cancel()
@@ -321,7 +331,7 @@ class Connection:
         """Send what is queued, in order, then end (the next `_wake` starts a new one)."""
         try:
             while self._outbox:
-                item = self._outbox.pop(0)  # at most --send-queue-messages: a short move
+                item = self._outbox.popleft()  # type: ignore[union-attr]  (not empty)
                 self._sending = True
                 if isinstance(item, tuple):
                     text, size = item
