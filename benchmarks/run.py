@@ -33,8 +33,13 @@ SCENARIOS = {
 BASELINES = {"B8": "one_node"}
 
 #: Flags for the real server: limits raised so one benchmark user may open thousands of
-#: sockets and post as fast as it can; everything else is the default configuration.
-SERVER_ARGS: list[str] = ["--max-connections-per-user", "0", "--task-create-rate", "0"]
+#: sockets, own thousands of running tasks and post as fast as it can; everything else is
+#: the default configuration.
+SERVER_ARGS: list[str] = [
+    "--max-connections-per-user", "0",
+    "--task-create-rate", "0",
+    "--max-unfinished-tasks-per-user", "0",
+]  # fmt: skip
 NAIVE_ARGS = ["--commit-batch-max", "1"]
 #: The abuse scenario keeps the default configuration (its limits are what it measures),
 #: except that X-Forwarded-For from 127.0.0.1 is believed, so that each client and each

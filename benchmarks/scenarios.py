@@ -132,6 +132,10 @@ def stamp(pad: int = 0) -> str:
     return text + " " + "x" * pad if pad else text
 
 
+#: Tasks started at once while preparing (the server's per-user lane holds 1,250).
+PREPARE_SLICE = 500
+
+
 async def _session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
@@ -142,7 +146,11 @@ async def _prepare(target: Target, task_count: int) -> list[str]:
         await target.login(session)
         tasks = await target.create_tasks(session, task_count)
         if not target.is_reference:
-            await asyncio.gather(*(target.publish(session, t, "start", 0) for t in tasks))
+            # In slices: thousands at once would pass the share of the commit queue one
+            # user may hold, and be refused with 503 (as they should be).
+            for start in range(0, len(tasks), PREPARE_SLICE):
+                chunk = tasks[start : start + PREPARE_SLICE]
+                await asyncio.gather(*(target.publish(session, t, "start", 0) for t in chunk))
         return tasks
 
 

@@ -173,7 +173,10 @@ class Target:
                 json={"kind": "bench", "params": {}},
                 headers=self.auth(),
             ) as resp:
-                ids.append((await resp.json())["id"])
+                answer = await resp.json()
+                if resp.status != 201:
+                    raise RuntimeError(f"creating a task: {resp.status} {answer}")
+                ids.append(answer["id"])
         return ids
 
     async def publish(

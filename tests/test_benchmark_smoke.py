@@ -57,6 +57,33 @@ def test_benchmark_quick_run(tmp_path):
     assert "target abuse answers" in stdout
 
 
+def test_curves_quick_run(tmp_path):
+    """`benchmarks.curves --quick` measures every point beside its references, and saves."""
+    out = tmp_path / "curves.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.curves", "--quick", "--only", "B3,B4"]
+        + ["--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    seen = {(row["scenario"], row["size"], row["variant"]) for row in rows}
+    assert seen == {
+        ("B3", f"b3_tasks={n}", variant)
+        for n in (10, 20)
+        for variant in ("server", "reference", "durable")
+    } | {("B4", "b4_conns=50", variant) for variant in ("server", "reference")}
+    for row in rows:
+        assert "error" not in row, row
+        assert row["lost"] == 0, row
+        figure = "deliveries_per_s" if row["scenario"] == "B3" else "connects_per_s"
+        assert row[figure] > 0, row
+    assert "| B3 | b3_tasks=20 | durable |" in proc.stdout
+
+
 def test_benchmark_quick_run_postgres_redis(tmp_path):
     """B8 (fan-out over one and two nodes) and B9 (ingest into PostgreSQL) run end to end:
     every event reaches every subscriber on either node, through Redis, and is stored."""
