@@ -78,6 +78,9 @@ def parse_client_message(text: str) -> ClientMessage:
     msg_id = raw.get("id")
     if not isinstance(msg_id, str | int | float | type(None)) or isinstance(msg_id, bool):
         msg_id = None  # only scalars are echoed: a client matches replies by equality
+    plain = schemas.plain_client_message(raw)
+    if plain is not None:
+        return ClientMessage(action=plain["action"], data=plain, msg_id=msg_id)
     try:
         action = _ENVELOPE.load(raw)["action"]
     except ValidationError as exc:
