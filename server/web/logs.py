@@ -94,9 +94,17 @@ def parse_event(message: str) -> dict[str, str]:
     return fields
 
 
+#: The last second formatted, and its text: most records share their second with the one
+#: before, and gmtime + strftime cost 0.9 us of the 10-12 a record takes.
+_last_second: tuple[int, str] = (-1, "")
+
+
 def _utc_time(record: logging.LogRecord) -> str:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-    return f"{stamp}.{int(record.msecs):03d}Z"
+    global _last_second
+    second = int(record.created)
+    if second != _last_second[0]:
+        _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_last_second[1]}.{int(record.msecs):03d}Z"
 
 
 class KeyValueFormatter(logging.Formatter):
