@@ -76,6 +76,15 @@ COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, MAX_BATCH)
 
 
+def _not_stored() -> Unavailable:
+    """A request whose transaction failed for a reason of its own: nothing of it was
+    stored, and a retry after a second may well pass (as for the other 503s here)."""
+    return Unavailable(
+        "could not store the event; nothing was stored",
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
 @dataclass(slots=True)
 class _Pending:
     request: Request
@@ -256,7 +265,7 @@ class Tracker:
                 await self._commit(batch)
             except Exception:  # never let the loop die: later requests would hang
                 log.exception("tracker.batch_failed size=%d", len(batch))
-                _answer_all(batch, Unavailable("could not store the event"))
+                _answer_all(batch, _not_stored())
 
     async def _commit(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
@@ -281,7 +290,7 @@ class Tracker:
                 for pending in batch:
                     await self._commit([pending])
                 return
-            _answer_all(batch, Unavailable("could not store the event"))
+            _answer_all(batch, _not_stored())
             return
         self.commit_seconds.observe(time.perf_counter() - started)
         self.batch_sizes.observe(len(batch))

@@ -173,6 +173,7 @@ async def test_a_failing_request_does_not_fail_its_batch(tracker, store, monkeyp
     monkeypatch.setattr(TaskWriter, "_write", staticmethod(real))
     assert [e.seq for e in results[0]] == [2, 3] and [e.seq for e in results[3]] == [4]
     assert isinstance(results[1], Unavailable) and isinstance(results[2], Unavailable)
+    assert results[1].headers["Retry-After"] == "1"  # a 503 always says when to come back
     assert (await store.get_task(good.id)).seq == 4
     assert (await store.get_task(bad.id)).seq == 1
     # Nothing of the bad batch stuck: the task is still pending and takes a post.
