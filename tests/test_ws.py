@@ -682,6 +682,26 @@ async def test_bad_origin_wins_over_bad_token(client):
     assert status == 403
 
 
+async def test_a_plain_get_is_told_to_send_a_websocket_handshake(aiohttp_client, make_app):
+    """GET without the upgrade headers (a browser's address bar, curl) → 400 in the JSON
+    error shape, saying what to send; no socket is counted or held for it."""
+    client = await serve(aiohttp_client, make_app(max_connections_per_user=2))
+    token, task = await start(client)
+    for path in (WS, task_ws(task["id"])):
+        async with client.get(path, headers=auth_headers(token)) as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+        assert error["code"] == "bad_request"
+        assert "WebSocket" in error["message"] and "Upgrade: websocket" in error["message"]
+    hub = client.app[hub_key]
+    assert hub.connection_count == 0
+    # The places the handshakes reserved under --max-connections-per-user were given back:
+    # both of the user's 2 sockets can still open.
+    sockets = [await ws_connect(client, token) for _ in range(2)]
+    for ws in sockets:
+        await ws.close()
+
+
 # -- shutdown ---------------------------------------------------------------------------
 
 

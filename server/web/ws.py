@@ -122,6 +122,11 @@ async def multi_task_socket(
             max_msg_size=config.max_frame_bytes, autoping=False, compress=False
         )
         transport = request.transport
+        if not ws.can_prepare(request).ok:  # e.g. a plain GET from a browser's address bar
+            raise BadRequest(
+                "this endpoint speaks WebSocket only: send a WebSocket handshake"
+                " (Upgrade: websocket, Sec-WebSocket-Key, Sec-WebSocket-Version: 13)"
+            )
         await ws.prepare(request)
         conn = Connection(
             ws,
