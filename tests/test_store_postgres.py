@@ -22,7 +22,7 @@ from server.idempotency import Claim
 from server.lifecycle import Complete, Create, Progress, Quotas, Request
 from server.models import Event, utc_now
 from server.retention import Retention
-from server.store import Backend, StoreUnavailable
+from server.store import Backend, StoreUnavailable, UsernameTaken
 from server.store.postgres import open_postgres
 from server.store.postgres_db import DatabaseError, migrate, open_database
 from server.store.postgres_writes import IdempotencyRace
@@ -230,6 +230,24 @@ async def test_a_database_from_a_newer_version_is_refused(pg_url: str) -> None:
         await conn.close()
     with pytest.raises(DatabaseError, match="9999"):
         await open_postgres(pg_url, MIGRATIONS)
+
+
+async def test_only_a_taken_name_is_reported_as_taken(pg_url: str) -> None:
+    """A unique violation that is not the username's (here, an id sequence set back, as a
+    careless restore leaves it) is an error, not "username_taken"."""
+    async with nodes(pg_url, 1) as (backend,):
+        await backend.accounts.create_user("carol", "h", utc_now())
+        with pytest.raises(UsernameTaken):
+            await backend.accounts.create_user("CAROL", "h", utc_now())
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute("SELECT setval('users_id_seq', 1, false)")
+        finally:
+            await conn.close()
+        with pytest.raises(asyncpg.UniqueViolationError) as raised:
+            await backend.accounts.create_user("dave", "h", utc_now())
+        assert not isinstance(raised.value, UsernameTaken)
+        assert raised.value.constraint_name == "users_pkey"
 
 
 async def test_the_tracker_runs_on_postgresql(pg_url: str) -> None:

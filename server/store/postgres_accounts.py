@@ -49,6 +49,11 @@ async def _revoke_all(conn: asyncpg.Connection, user_id: int, at: str) -> list[s
     return [row[0] for row in rows]
 
 
+#: The unique index on lower(username) (migrations/postgres/0001_initial.sql): only its
+#: violation means the name is taken.
+USERNAME_INDEX = "users_by_name"
+
+
 class PostgresAccounts:
     """Users and sessions; reads on the read pool, each write one transaction."""
 
@@ -89,6 +94,8 @@ class PostgresAccounts:
                 )
             )
         except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != USERNAME_INDEX:  # e.g. an id sequence set back by hand
+                raise
             raise UsernameTaken(username) from exc
         return User(id=int(user_id), username=username)
 
