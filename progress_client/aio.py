@@ -351,13 +351,17 @@ class AsyncClient:
         """The task as the server has it now (404 `not_found` if missing or not yours)."""
         return self._bind(await self._call("GET", f"/tasks/{_task_path(task_id)}"))
 
-    async def list_tasks(self, status: str = "any", limit: int = 100) -> list[AsyncTask]:
+    async def list_tasks(
+        self, status: str = "any", limit: int = 100, *, root: bool = False
+    ) -> list[AsyncTask]:
         """Up to `limit` of the caller's tasks, newest first (`status`: any, active, or one
-        status), following the server's pages."""
+        status; `root`: only tasks with no parent), following the server's pages."""
         tasks: list[AsyncTask] = []
         cursor: str | None = None
         while len(tasks) < limit:
             params: dict[str, Any] = {"status": status, "limit": min(500, limit - len(tasks))}
+            if root:
+                params["root"] = "true"
             if cursor is not None:
                 params["cursor"] = cursor
             page = await self._call("GET", "/tasks", params=params)

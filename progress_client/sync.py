@@ -221,8 +221,10 @@ class Client:
     def get_task(self, task_id: str) -> SyncTask:
         return self._bind(self._run(self.aio.get_task(task_id)))
 
-    def list_tasks(self, status: str = "any", limit: int = 100) -> list[SyncTask]:
-        return [self._bind(t) for t in self._run(self.aio.list_tasks(status, limit))]
+    def list_tasks(
+        self, status: str = "any", limit: int = 100, *, root: bool = False
+    ) -> list[SyncTask]:
+        return [self._bind(t) for t in self._run(self.aio.list_tasks(status, limit, root=root))]
 
     def list_events(self, task_id: str, after_seq: int = 0) -> list[Event]:
         return self._run(self.aio.list_events(task_id, after_seq))

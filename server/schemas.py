@@ -296,6 +296,8 @@ class ListTasksQuery(Schema):
         load_default=None,
         validate=validate.Regexp(TASK_CURSOR, error="not a cursor this server gave out"),
     )
+    #: Only tasks with no parent (a multi-code analysis is then listed once, not per code).
+    root = fields.Boolean(load_default=False)
 
 
 class ListEventsQuery(Schema):

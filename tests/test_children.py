@@ -121,6 +121,29 @@ async def test_a_parents_own_progress_posts_are_refused_while_it_has_children(
     assert status == 409
 
 
+async def test_the_task_list_can_keep_only_root_tasks(client: TestClient) -> None:
+    """GET /tasks?root=true lists tasks with no parent (a tree is one entry); without it,
+    every task; `root` must be a boolean."""
+    token = await register(client, "alice")
+    alone = await new_task(client, token)
+    parent = await new_task(client, token)
+    for _ in range(2):
+        await new_task(client, token, parent_id=parent["id"])
+
+    async def listed(query: str) -> tuple[int, Any]:
+        resp = await client.get(f"/api/v1/tasks{query}", headers=auth_headers(token))
+        return resp.status, await resp.json()
+
+    status, roots = await listed("?root=true")
+    assert status == 200 and [t["id"] for t in roots["tasks"]] == [parent["id"], alone["id"]]
+    assert len((await listed(""))[1]["tasks"]) == 4
+    _, active = await listed("?status=active&root=true&limit=1")
+    assert [t["id"] for t in active["tasks"]] == [parent["id"]]
+    assert active["next_cursor"] is not None
+    status, refused = await listed("?root=perhaps")
+    assert status == 422 and "root" in refused["error"]["fields"]
+
+
 async def test_bad_parents_are_refused(client: TestClient) -> None:
     """Unknown or foreign parent 404, finished parent 409, bad weight or flags 422."""
     alice = await register(client, "alice")

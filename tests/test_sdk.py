@@ -83,7 +83,13 @@ async def test_worker_reports_through_restarts_and_lost_answers(make_server: Mak
     async with AsyncClient(server.base_url, **USER) as client:
         tasks = await client.list_tasks()
         events = await client.list_events(task_id)
+        parent = await client.create_task("batch")
+        child = await client.create_task("part", parent_id=parent.id)
+        roots = await client.list_tasks(root=True)
+        everything = await client.list_tasks()
     assert [t.id for t in tasks] == [task_id]  # the create whose answer was lost: once
+    assert [t.id for t in roots] == [parent.id, task_id]
+    assert [t.id for t in everything] == [child.id, parent.id, task_id]
     assert [e.event for e in events] == ["created", "started"] + ["progress"] * total + [
         "completed"
     ]

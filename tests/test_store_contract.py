@@ -714,6 +714,30 @@ def child_of(user_id: int, parent_id: str, weight: float = 1, finish: int = 0) -
     )
 
 
+async def test_list_tasks_can_keep_only_root_tasks(backend: Backend) -> None:
+    """`roots_only`: tasks with no parent, newest first, paged and filtered as usual; the
+    children are still listed without it."""
+    uid = await user(backend)
+    first = await new_task(backend, uid)
+    (parent,) = await apply(backend, create(uid))
+    assert parent.created is not None
+    kids = [await apply(backend, child_of(uid, parent.created.id)) for _ in range(3)]
+    (grandchild,) = await apply(backend, child_of(uid, kids[0][0].created.id))  # type: ignore[union-attr]
+    last = await new_task(backend, uid)
+    roots = [last.id, parent.created.id, first.id]
+    page = await backend.store.list_tasks(uid, None, 10, roots_only=True)
+    assert [t.id for t in page.tasks] == roots and page.next is None
+    page = await backend.store.list_tasks(uid, None, 2, roots_only=True)
+    assert [t.id for t in page.tasks] == roots[:2] and page.next is not None
+    page = await backend.store.list_tasks(uid, None, 2, before=page.next, roots_only=True)
+    assert [t.id for t in page.tasks] == roots[2:]
+    await apply(backend, change(first.id, uid, Complete()))
+    page = await backend.store.list_tasks(uid, [TaskStatus.COMPLETED], 10, roots_only=True)
+    assert [t.id for t in page.tasks] == [first.id]
+    everything = await backend.store.list_tasks(uid, None, 10)
+    assert len(everything.tasks) == 3 + 3 + 1 and grandchild.created is not None
+
+
 async def test_a_tree_moves_together_in_one_transaction(backend: Backend) -> None:
     """Children's changes update their parents (and grandparents) in the same commit:
     weighted progress, counts, `child` on the parent's events, listing, and auto-finish

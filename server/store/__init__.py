@@ -68,6 +68,7 @@ class Store(Protocol):
         *,
         before: tuple[str, int] | None = None,
         max_bytes: int = ...,
+        roots_only: bool = False,
     ) -> TaskPage: ...
 
     async def list_children(

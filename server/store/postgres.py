@@ -161,11 +161,15 @@ class PostgresStore:
         *,
         before: tuple[str, int] | None = None,
         max_bytes: int = MAX_PAGE_BYTES,
+        roots_only: bool = False,
     ) -> TaskPage:
         """A user's tasks, newest first: at most `limit` and about `max_bytes` (at least
-        one); `before` continues after `(created_at, row_no)` of the last page's last."""
+        one); `before` continues after `(created_at, row_no)` of the last page's last;
+        `roots_only`: only tasks with no parent."""
         where = "user_id = $1"
         args: list[Any] = [user_id, limit, max_bytes]
+        if roots_only:
+            where += " AND parent_id IS NULL"
         if statuses is not None:
             args.append([s.value for s in statuses])
             where += f" AND status = ANY(${len(args)}::text[])"

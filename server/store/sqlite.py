@@ -159,14 +159,18 @@ class SQLiteStore:
         *,
         before: tuple[str, int] | None = None,
         max_bytes: int = MAX_PAGE_BYTES,
+        roots_only: bool = False,
     ) -> TaskPage:
-        """A user's tasks, newest first, optionally only those in `statuses`.
+        """A user's tasks, newest first, optionally only those in `statuses` (and only
+        those with no parent: `roots_only`).
 
         At most `limit` tasks and about `max_bytes` (at least one task): `before` is the
         continuation of the previous page, `(created_at, rowid)` of its last task.
         """
         where = "user_id = ?"
         args: list[Any] = [user_id]
+        if roots_only:
+            where += " AND parent_id IS NULL"
         if statuses is not None:
             wanted = [s.value for s in statuses]
             where += f" AND status IN ({','.join('?' * len(wanted))})"

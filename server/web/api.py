@@ -229,7 +229,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         created_at, _, rowid = query["cursor"].partition("~")
         before = (created_at, int(rowid))
     page = await request.app[store_key].list_tasks(
-        identity.user_id, statuses, query["limit"], before=before
+        identity.user_id, statuses, query["limit"], before=before, roots_only=query["root"]
     )
     cursor = None if page.next is None else f"{page.next[0]}~{page.next[1]}"
     items = ",".join(t.to_json() for t in page.tasks)

@@ -49,9 +49,8 @@ const $ = (selector) => document.querySelector(selector);
 const EVENTS_PAGE = 1000;
 /** Children asked for per page of GET /tasks/{id}/children (the server's maximum). */
 const CHILDREN_PAGE = 1000;
-/** Tasks read for the recent list and the resume banner, of which the first roots are shown
- * (a multi-code analysis is one entry, not one per code). */
-const TASKS_PAGE = 100;
+/** Tasks shown in the recent list. Both it and the resume banner ask for root tasks only
+ * (`root=true`): a multi-code analysis is one entry, not one per code. */
 const RECENT_SHOWN = 10;
 /** Most codes in one analysis (the server's limit). */
 const MAX_CODES = 20;
@@ -953,19 +952,15 @@ function shareEnded(reason = "This link has expired or was revoked.") {
   showConnection(State.CLOSED, { kind: CloseKind.AUTH });
 }
 
-/** The tasks of a page that are not children: a multi-code analysis is listed once. */
-const roots = (tasks) => tasks.filter((t) => !t.parent_id);
-
 /** The recent tasks list (newest first); each entry shows the task when clicked. */
 async function loadRecent() {
   let tasks;
   try {
-    ({ tasks } = await api(`/tasks?limit=${TASKS_PAGE}`));
+    ({ tasks } = await api(`/tasks?root=true&limit=${RECENT_SHOWN}`));
   } catch (err) {
     if (err.status === 401) sessionExpired();
     return;
   }
-  tasks = roots(tasks).slice(0, RECENT_SHOWN);
   els.taskListEmpty.hidden = tasks.length > 0;
   els.taskList.replaceChildren(
     ...tasks.map((task) => {
@@ -1014,12 +1009,12 @@ function markCurrentInList() {
 async function offerResume() {
   let tasks;
   try {
-    ({ tasks } = await api("/tasks?status=active")); // TASKS_PAGE: the server's default
+    ({ tasks } = await api("/tasks?status=active&root=true"));
   } catch (err) {
     if (err.status === 401) sessionExpired();
     return;
   }
-  tasks = roots(tasks).filter((t) => t.id !== current?.view.id);
+  tasks = tasks.filter((t) => t.id !== current?.view.id);
   els.resumeBanner.hidden = tasks.length === 0;
   els.resumeList.replaceChildren(
     ...tasks.map((task) => {

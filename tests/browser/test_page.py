@@ -338,7 +338,7 @@ def test_reload_shows_the_task_again_at_once(
         ws.on_message(forward)
 
     page.route_web_socket(re.compile(r"/api/v1/ws"), route)
-    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active$")):
+    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active&root=true$")):
         page.reload()
     wait_for(page, lambda: sent)
     stored = current_view(page)
@@ -367,7 +367,7 @@ def test_reload_shows_the_task_again_at_once(
     assert_clean_log(log_entries(page))
 
     # Nothing is active any more: a reload shows the finished task and offers nothing.
-    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active$")):
+    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active&root=true$")):
         page.reload()
     expect(page.locator("#user-name")).to_have_text("dave")
     expect(page.locator("#task-status")).to_have_text("Completed")
@@ -389,7 +389,7 @@ def test_resume_banner_drops_a_task_once_it_is_on_screen(
         task = http(server, "POST", "/tasks", {"kind": name, "params": {}}, token)
         http(server, "POST", f"/tasks/{task['id']}/progress", {"progress": 0}, token)
         ids.append(task["id"])
-    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active$")):
+    with page.expect_response(re.compile(r"/api/v1/tasks\?status=active&root=true$")):
         page.reload()
     banner = page.locator("#resume-banner")
     expect(banner.locator("li")).to_have_count(2)
@@ -579,7 +579,7 @@ def test_a_task_that_cannot_be_followed_says_so_once(
         }
     # The page believes in the task (as from a stale list); the server refuses it.
     page.route(
-        re.compile(r"/api/v1/tasks\?status=active$"),
+        re.compile(r"/api/v1/tasks\?status=active&root=true$"),
         lambda route: route.fulfill(json={"tasks": [task]}),
     )
     subscribes = record_subscribes(page)
