@@ -129,7 +129,11 @@ class Store(Protocol):
         node_id: str = "",
     ) -> None:
         """Record (connection_id, user_id, task_id, at) opened and (connection_id, task_id,
-        at) closed subscriptions of this node."""
+        at) closed subscriptions of this node.
+
+        Raises:
+            StoreUnavailable: the store cannot take them now (the caller may try again).
+        """
 
     async def close_open_subscriptions(self, at: str, node_id: str) -> int:
         """At start: no connection of this node survived (SQLite: of any node, there is

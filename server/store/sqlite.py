@@ -31,7 +31,7 @@ from .records import (
     fit,
 )
 from .sqlite_db import Database, DatabaseError, open_database
-from .sqlite_writes import TaskWriter
+from .sqlite_writes import TaskWriter, is_transient
 
 #: Pages handed back to the file system per incremental-vacuum step (1 MiB of 4 KiB
 #: pages): each step holds the writer only briefly.
@@ -369,7 +369,12 @@ class SQLiteStore:
                     closed,
                 )
 
-        await self._db.write(transaction)
+        try:
+            await self._db.write(transaction)
+        except sqlite3.Error as exc:
+            if is_transient(exc):  # busy, full, read-only, I/O: worth trying again later
+                raise StoreUnavailable(str(exc)) from exc
+            raise
 
     async def close_open_subscriptions(self, at: str, node_id: str = "") -> int:
         """Mark every still-open subscription closed (at startup: no connection survived;
