@@ -122,12 +122,14 @@ async def multi_task_socket(
             max_msg_size=config.max_frame_bytes, autoping=False, compress=False
         )
         transport = request.transport
-        if not ws.can_prepare(request).ok:  # e.g. a plain GET from a browser's address bar
+        try:
+            await ws.prepare(request)
+        except web.HTTPBadRequest:  # not a handshake: e.g. a browser's address bar, curl
+            # Refused before anything is written; the reservation goes in `finally`.
             raise BadRequest(
                 "this endpoint speaks WebSocket only: send a WebSocket handshake"
                 " (Upgrade: websocket, Sec-WebSocket-Key, Sec-WebSocket-Version: 13)"
-            )
-        await ws.prepare(request)
+            ) from None
         conn = Connection(
             ws,
             transport if isinstance(transport, asyncio.Transport) else None,
