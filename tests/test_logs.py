@@ -290,6 +290,23 @@ def test_kv_lines_cannot_be_split_by_a_crafted_value() -> None:
     assert "\n" not in with_exc and "ValueError: boom\\nsecond line" in with_exc
 
 
+def test_timestamps_follow_each_records_own_time() -> None:
+    """Each second is formatted once and reused; a record of another second, even an
+    earlier one, gets its own, in UTC with milliseconds, in both formats."""
+    stamps = []
+    for created in (1764547200.25, 1764547200.999, 1764547201.5, 1764547199.0):
+        record = _record("x.y")
+        record.created, record.msecs = created, (created % 1) * 1000
+        stamps.append(KeyValueFormatter().format(record).split()[0])
+        assert json.loads(JsonFormatter().format(record))["ts"] == stamps[-1][3:]
+    assert stamps == [
+        "ts=2025-12-01T00:00:00.250Z",
+        "ts=2025-12-01T00:00:00.999Z",
+        "ts=2025-12-01T00:00:01.500Z",
+        "ts=2025-11-30T23:59:59.000Z",
+    ]
+
+
 def test_json_lines_hold_fields_and_traceback() -> None:
     """JSON: one line, envelope + event fields + msg, and the traceback under "exc"."""
     line = JsonFormatter().format(_record("ws.disconnect conn=%s code=%d", "c1\n", 1000, exc=True))
